@@ -1,0 +1,338 @@
+"""Table tests for the ledger: one row per result code, with the command that produces it.
+
+Every row starts from the same small ledger (`base()`), applies an optional prelude, then one
+event, and checks the event's code.  A failing event must change nothing that matters: balances,
+accounts, transfers (a remembered transient failure may only add its failure record).
+"""
+
+import pytest
+
+from raftpay import ledger as L
+from raftpay.codes import TRANSIENT, Code
+from raftpay.ledger import Ledger
+
+MS = L.MS
+T0 = 1_000_000 * MS  # log time of the base state
+
+
+def acct(aid, currency=1, flags=0, **kw):
+    return {"op": "create_account", "id": aid, "currency": currency, "flags": flags, **kw}
+
+
+def xfer(tid, debit="b", credit="a", amount=10, currency=1, **kw):
+    ev = {"op": "create_transfer", "id": tid, "debit_account_id": debit,
+          "credit_account_id": credit, "amount": amount, "currency": currency}
+    ev.update(kw)
+    return {k: v for k, v in ev.items() if v is not None}
+
+
+def post(tid, pending_id, **kw):
+    return {"op": "create_transfer", "id": tid, "pending_id": pending_id,
+            "flags": L.POST_PENDING, **kw}
+
+
+def void(tid, pending_id, **kw):
+    return {"op": "create_transfer", "id": tid, "pending_id": pending_id,
+            "flags": L.VOID_PENDING, **kw}
+
+
+def submit(led, events, ts):
+    reply = led.apply({"type": "submit", "events": events}, ts)
+    assert reply["code"] == Code.OK, reply
+    return reply["results"]
+
+
+def base() -> Ledger:
+    led = Ledger(session_ttl_ms=1000)
+    results = submit(led, [
+        acct("a", flags=L.DEBITS_MUST_NOT_EXCEED_CREDITS),  # a may spend what it received
+        acct("b"),
+        acct("c", currency=2),
+        acct("d", flags=L.CREDITS_MUST_NOT_EXCEED_DEBITS),
+        acct("shut", flags=L.CLOSED),
+        acct(7),
+        acct(8),
+        xfer("fund", debit="b", credit="a", amount=1000),
+        xfer("held", debit="a", credit="b", amount=100, flags=L.PENDING, timeout_ms=50),
+        xfer("open", debit="a", credit="b", amount=100, flags=L.PENDING),
+        xfer("p-posted", debit="a", credit="b", amount=5, flags=L.PENDING),
+        post("did-post", "p-posted"),
+        xfer("p-voided", debit="a", credit="b", amount=5, flags=L.PENDING),
+        void("did-void", "p-voided"),
+    ], T0)
+    assert all(r == Code.OK for r in results), results
+    return led
+
+
+def business_state(led: Ledger):
+    accounts = led.lookup_accounts(list(led._acc))
+    return accounts, led.transfer_count, led.account_count, led.totals()
+
+
+HUGE = L.MAX_AMOUNT
+
+# (code, prelude events, event)  — the event's result must be `code`.
+ROWS = [
+    (Code.OK, [], xfer("t1")),
+    (Code.LINKED_EVENT_FAILED, None, None),  # see test_linked_chain_rolls_back
+    (Code.LINKED_EVENT_CHAIN_OPEN, None, None),  # see test_linked_chain_open
+    (Code.UNKNOWN_OPERATION, [], {"op": "steal", "id": 1}),
+    (Code.UNKNOWN_FIELD, [], dict(xfer("t1"), memo="hi")),
+    (Code.INVALID_FIELD_TYPE, [], xfer("t1", amount="10")),
+    (Code.RESERVED_FLAG, [], xfer("t1", flags=1 << 7)),
+    (Code.ID_MISSING, [], xfer(None)),
+    (Code.ID_INVALID, [], xfer(0)),
+    (Code.ID_TOO_LONG, [], xfer("x" * 65)),
+    (Code.FLAGS_ARE_MUTUALLY_EXCLUSIVE, [],
+     acct("e", flags=L.DEBITS_MUST_NOT_EXCEED_CREDITS | L.CREDITS_MUST_NOT_EXCEED_DEBITS)),
+    (Code.CURRENCY_MISSING, [], xfer("t1", currency=None)),
+    (Code.CURRENCY_INVALID, [], acct("e", currency=0)),
+    (Code.USER_DATA_INVALID, [], xfer("t1", user_data=-1)),
+    (Code.DEBIT_ACCOUNT_ID_MISSING, [], xfer("t1", debit=None)),
+    (Code.DEBIT_ACCOUNT_ID_INVALID, [], xfer("t1", debit="")),
+    (Code.CREDIT_ACCOUNT_ID_MISSING, [], xfer("t1", credit=None)),
+    (Code.CREDIT_ACCOUNT_ID_INVALID, [], xfer("t1", credit=-3)),
+    (Code.ACCOUNTS_MUST_BE_DIFFERENT, [], xfer("t1", debit="a", credit="a")),
+    (Code.AMOUNT_MISSING, [], xfer("t1", amount=None)),
+    (Code.AMOUNT_MUST_BE_POSITIVE, [], xfer("t1", amount=0)),
+    (Code.AMOUNT_TOO_LARGE, [], xfer("t1", amount=L.MAX_AMOUNT + 1)),
+    (Code.PENDING_ID_MUST_NOT_BE_SET, [], xfer("t1", pending_id="open")),
+    (Code.PENDING_ID_MISSING, [], post("t1", None)),
+    (Code.PENDING_ID_INVALID, [], post("t1", 0)),
+    (Code.PENDING_ID_MUST_BE_DIFFERENT, [], post("t1", "t1")),
+    (Code.TIMEOUT_RESERVED_FOR_PENDING_TRANSFER, [], xfer("t1", timeout_ms=5)),
+    (Code.TIMEOUT_INVALID, [], xfer("t1", flags=L.PENDING, timeout_ms=L.MAX_TIMEOUT_MS + 1)),
+    (Code.ACCOUNT_ID_MISSING, [], {"op": "close_account"}),
+    (Code.ACCOUNT_ID_INVALID, [], {"op": "close_account", "account_id": ""}),
+    (Code.EXISTS_WITH_DIFFERENT_FLAGS, [], acct("a")),
+    (Code.EXISTS_WITH_DIFFERENT_CURRENCY, [], acct("b", currency=2)),
+    (Code.EXISTS_WITH_DIFFERENT_USER_DATA, [], acct("b", user_data=9)),
+    (Code.EXISTS_WITH_DIFFERENT_DEBIT_ACCOUNT_ID, [], xfer("fund", debit="d", credit="a",
+                                                          amount=1000)),
+    (Code.EXISTS_WITH_DIFFERENT_CREDIT_ACCOUNT_ID, [], xfer("fund", debit="b", credit="d",
+                                                           amount=1000)),
+    (Code.EXISTS_WITH_DIFFERENT_AMOUNT, [], xfer("fund", amount=999)),
+    (Code.EXISTS_WITH_DIFFERENT_PENDING_ID, [], post("did-post", "open")),
+    (Code.EXISTS_WITH_DIFFERENT_TIMEOUT, [], xfer("held", debit="a", credit="b", amount=100,
+                                                  flags=L.PENDING, timeout_ms=51)),
+    (Code.EXISTS, [], xfer("fund", amount=1000)),
+    (Code.ID_ALREADY_FAILED, [xfer("t1", debit="zz")], xfer("t1", debit="zz")),
+    (Code.ACCOUNT_NOT_FOUND, [], {"op": "close_account", "account_id": "zz"}),
+    (Code.ACCOUNT_ALREADY_CLOSED, [], {"op": "close_account", "account_id": "shut"}),
+    (Code.PENDING_TRANSFER_NOT_FOUND, [], post("t1", "nope")),
+    (Code.PENDING_TRANSFER_NOT_PENDING, [], post("t1", "fund")),
+    (Code.DEBIT_ACCOUNT_NOT_FOUND, [], xfer("t1", debit="zz")),
+    (Code.CREDIT_ACCOUNT_NOT_FOUND, [], xfer("t1", credit="zz")),
+    (Code.ACCOUNTS_MUST_HAVE_THE_SAME_CURRENCY, [], xfer("t1", debit="c")),
+    (Code.PENDING_TRANSFER_HAS_DIFFERENT_DEBIT_ACCOUNT_ID, [], post("t1", "open", debit_account_id="d")),
+    (Code.PENDING_TRANSFER_HAS_DIFFERENT_CREDIT_ACCOUNT_ID, [], post("t1", "open", credit_account_id="d")),
+    (Code.PENDING_TRANSFER_HAS_DIFFERENT_CURRENCY, [], post("t1", "open", currency=2)),
+    (Code.TRANSFER_MUST_HAVE_THE_SAME_CURRENCY_AS_ACCOUNTS, [], xfer("t1", currency=2)),
+    (Code.EXCEEDS_PENDING_TRANSFER_AMOUNT, [], post("t1", "open", amount=101)),
+    (Code.PENDING_TRANSFER_HAS_DIFFERENT_AMOUNT, [], void("t1", "open", amount=99)),
+    (Code.PENDING_TRANSFER_ALREADY_POSTED, [], void("t1", "p-posted")),
+    (Code.PENDING_TRANSFER_ALREADY_VOIDED, [], post("t1", "p-voided")),
+    (Code.PENDING_TRANSFER_EXPIRED, None, None),  # see test_pending_expires_by_log_time
+    (Code.DEBIT_ACCOUNT_CLOSED, [], xfer("t1", debit="shut")),
+    (Code.CREDIT_ACCOUNT_CLOSED, [], xfer("t1", credit="shut")),
+    (Code.OVERFLOWS_DEBITS, [xfer("big", debit=7, credit=8, amount=HUGE)],
+     xfer("t1", debit=7, credit="b", amount=1)),
+    (Code.OVERFLOWS_CREDITS, [xfer("big", debit=7, credit=8, amount=HUGE)],
+     xfer("t1", debit="b", credit=8, amount=1)),
+    (Code.EXCEEDS_CREDITS, [], xfer("t1", debit="a", credit="b", amount=1000)),
+    (Code.EXCEEDS_DEBITS, [], xfer("t1", debit="b", credit="d", amount=1)),
+]
+
+EVENT_ROWS = [r for r in ROWS if r[2] is not None]
+
+
+@pytest.mark.parametrize("code,prelude,event", EVENT_ROWS, ids=[r[0].name for r in EVENT_ROWS])
+def test_row(code, prelude, event):
+    led = base()
+    if prelude:
+        submit(led, prelude, T0 + MS)
+        if code != Code.ID_ALREADY_FAILED:
+            assert led.lookup_transfers([prelude[0]["id"]])[0]["status"] == "posted"
+    before = business_state(led)
+    failed_before = len(led._failed)
+    (result,) = submit(led, [event], T0 + 2 * MS)
+    assert Code(result) == code
+    if code not in (Code.OK,):
+        assert business_state(led) == before, "a failed event changed the ledger"
+        remembered = len(led._failed) - failed_before
+        is_transfer = event.get("op") == "create_transfer"
+        assert remembered == (1 if code in TRANSIENT and is_transfer else 0)
+
+
+def test_every_ledger_code_has_a_row():
+    covered = {r[0] for r in ROWS}
+    ledger_codes = {c for c in Code if c < 100}
+    assert ledger_codes - covered == set()
+
+
+def test_linked_chain_rolls_back():
+    led = base()
+    before = business_state(led)
+    results = submit(led, [
+        xfer("c1", flags=L.LINKED),
+        acct("new", flags=L.LINKED),
+        xfer("c2", debit="a", credit="b", amount=10_000, flags=L.LINKED),  # exceeds credits
+        xfer("c3"),
+        xfer("after"),
+    ], T0 + MS)
+    assert results == [Code.LINKED_EVENT_FAILED, Code.LINKED_EVENT_FAILED, Code.EXCEEDS_CREDITS,
+                       Code.LINKED_EVENT_FAILED, Code.OK]
+    led2 = base()
+    submit(led2, [xfer("after")], T0 + MS)
+    assert business_state(led) == business_state(led2)
+    assert led.lookup_transfers(["c1", "c2", "c3"]) == [None, None, None]
+    assert led.lookup_accounts(["new"]) == [None]
+    # Nothing of a failed chain is remembered: the corrected chain can be retried.
+    results = submit(led, [xfer("c1", flags=L.LINKED), acct("new", flags=L.LINKED),
+                           xfer("c2", debit="a", credit="b", amount=10, flags=L.LINKED),
+                           xfer("c3")], T0 + 2 * MS)
+    assert results == [Code.OK] * 4
+    assert business_state(led) != before
+
+
+def test_linked_chain_rolls_back_post_and_close():
+    led = base()
+    before = business_state(led)
+    results = submit(led, [
+        post("x1", "open", flags=L.POST_PENDING | L.LINKED),
+        {"op": "close_account", "account_id": "d"},
+        xfer("x2", debit="zz"),
+    ], T0 + MS)
+    # close_account has no flags, so the chain is the post and the close; x2 is on its own.
+    assert results == [Code.OK, Code.OK, Code.DEBIT_ACCOUNT_NOT_FOUND]
+    led = base()
+    results = submit(led, [
+        post("x1", "open", flags=L.POST_PENDING | L.LINKED),
+        xfer("x2", debit="zz"),
+    ], T0 + MS)
+    assert results == [Code.LINKED_EVENT_FAILED, Code.DEBIT_ACCOUNT_NOT_FOUND]
+    assert business_state(led) == before
+    assert led.lookup_transfers(["open"])[0]["status"] == "pending"
+    # And the post still works afterwards.
+    assert submit(led, [post("x1", "open")], T0 + 2 * MS) == [Code.OK]
+
+
+def test_linked_chain_open():
+    led = base()
+    before = business_state(led)
+    results = submit(led, [xfer("o1", flags=L.LINKED), xfer("o2", flags=L.LINKED)], T0 + MS)
+    assert results == [Code.LINKED_EVENT_FAILED, Code.LINKED_EVENT_CHAIN_OPEN]
+    assert business_state(led) == before
+
+
+def test_exists_does_not_fail_a_chain():
+    led = base()
+    results = submit(led, [xfer("fund", amount=1000, flags=L.LINKED), xfer("n1")], T0 + MS)
+    assert results == [Code.EXISTS, Code.OK]
+
+
+def test_pending_expires_by_log_time():
+    led = base()  # "held": 100 reserved a -> b with a 50 ms timeout at T0
+    a = led.lookup_accounts(["a"])[0]
+    assert a["debits_pending"] == 200
+    # 49 ms later it still posts...
+    led2 = Ledger.restore(led.snapshot())
+    assert submit(led2, [post("ok", "held")], T0 + 49 * MS) == [Code.OK]
+    # ...50 ms after its own timestamp it has expired, and its reservation is released.
+    held_ts = led.lookup_transfers(["held"])[0]["timestamp"]
+    assert submit(led, [post("late", "held")], held_ts + 50 * MS) == [
+        Code.PENDING_TRANSFER_EXPIRED]
+    assert led.lookup_accounts(["a"])[0]["debits_pending"] == 100
+    assert led.lookup_transfers(["held"])[0]["status"] == "expired"
+    # A remembered failure: retrying the same post never succeeds later.
+    assert submit(led, [post("late", "held")], T0 + 52 * MS) == [Code.ID_ALREADY_FAILED]
+
+
+def test_expiry_happens_on_an_idle_ledger_with_tick():
+    led = base()
+    assert led.apply({"type": "tick"}, T0 + 60 * MS) == {"code": 0}
+    assert led.lookup_accounts(["a"])[0]["debits_pending"] == 100
+
+
+def test_post_partial_releases_the_rest():
+    led = base()
+    assert submit(led, [post("pp", "open", amount=30)], T0 + MS) == [Code.OK]
+    a, b = led.lookup_accounts(["a", "b"])
+    assert (a["debits_pending"], a["debits_posted"]) == (100, 5 + 30)
+    assert (b["credits_pending"], b["credits_posted"]) == (100, 5 + 30)
+    assert submit(led, [post("pp", "open", amount=30)], T0 + 2 * MS) == [Code.EXISTS]
+    assert submit(led, [void("vv", "open")], T0 + 3 * MS) == [
+        Code.PENDING_TRANSFER_ALREADY_POSTED]
+
+
+def test_timestamps_normalised_strictly_increasing():
+    led = base()
+    submit(led, [xfer("t1"), xfer("t2")], 5)  # a timestamp from the past
+    t1, t2 = led.lookup_transfers(["t1", "t2"])
+    assert T0 < t1["timestamp"] < t2["timestamp"]
+    assert led.last_ts == t2["timestamp"]
+
+
+def test_ids_int_and_str_are_distinct():
+    led = base()
+    assert submit(led, [acct(1), acct("1")], T0 + MS) == [Code.OK, Code.OK]
+    assert submit(led, [acct(True)], T0 + 2 * MS) == [Code.INVALID_FIELD_TYPE]
+
+
+# --- Sessions and request-level codes -------------------------------------------------------------
+
+def test_session_duplicate_gets_stored_reply_and_expires():
+    led = base()
+    sid = led.apply({"type": "register_session"}, T0 + MS)["session"]
+    req = {"type": "submit", "session": sid, "seq": 1, "events": [xfer("s1")]}
+    first = led.apply(req, T0 + 2 * MS)
+    assert first == {"code": 0, "results": [Code.OK]}
+    again = led.apply(req, T0 + 3 * MS)
+    assert again == first  # the stored reply, not "exists"
+    assert led.lookup_accounts(["a"])[0]["credits_posted"] == 1010
+    # keep_alive inside the TTL (1000 ms) keeps it.
+    assert led.apply({"type": "keep_alive", "session": sid}, T0 + 900 * MS) == {"code": 0}
+    assert led.apply(dict(req, seq=2), T0 + 1800 * MS)["code"] == Code.OK
+    # After the TTL of silence it has expired.
+    assert led.apply(dict(req, seq=3), T0 + 2900 * MS) == {"code": Code.SESSION_EXPIRED}
+
+
+def test_session_ack_discards_and_too_old():
+    led = base()
+    sid = led.apply({"type": "register_session"}, T0 + MS)["session"]
+    for seq in (1, 2, 3):
+        led.apply({"type": "submit", "session": sid, "seq": seq, "events": [xfer(f"q{seq}")]},
+                  T0 + (1 + seq) * MS)
+    r = led.apply({"type": "submit", "session": sid, "seq": 4, "ack": 3, "events": []},
+                  T0 + 10 * MS)
+    assert r["code"] == Code.OK
+    old = led.apply({"type": "submit", "session": sid, "seq": 2, "events": [xfer("q2")]},
+                    T0 + 11 * MS)
+    assert old == {"code": Code.SESSION_REQUEST_TOO_OLD}
+
+
+@pytest.mark.parametrize("command,code", [
+    ({"type": "submit", "session": 12345, "seq": 1, "events": []}, Code.SESSION_EXPIRED),
+    ({"type": "keep_alive", "session": 12345}, Code.SESSION_EXPIRED),
+    ({"type": "submit", "events": "nope"}, Code.INVALID_REQUEST),
+    ({"type": "submit", "session": 1, "seq": 0, "events": []}, Code.INVALID_REQUEST),
+    ({"type": "format_disk"}, Code.INVALID_REQUEST),
+    ("not a map", Code.INVALID_REQUEST),
+])
+def test_request_level_codes(command, code):
+    led = base()
+    before = business_state(led)
+    assert led.apply(command, T0 + MS)["code"] == code
+    assert business_state(led) == before
+
+
+def test_apply_entry_rejects_non_list():
+    assert Ledger().apply_entry("x", 1)[0]["code"] == Code.INVALID_REQUEST
+
+
+def test_snapshot_rejects_foreign_bytes():
+    with pytest.raises(ValueError):
+        Ledger.restore(b"\x00garbage")
+    import msgpack
+    with pytest.raises(ValueError, match="version"):
+        Ledger.restore(msgpack.packb({"format": "raftpay-ledger", "version": 99}))
