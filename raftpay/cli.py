@@ -1,14 +1,455 @@
-"""The `raftpay` command line (click).  Grows with the cluster issue."""
+"""The `raftpay` command line.
+
+Design: one click group whose entry points users and docs rely on — `up` (a local cluster in the
+foreground), `demo` (the same plus a payment flow, then stop), `node start` (one node from a
+config file), `status`, `account create|show`, `transfer`, `history`, `logs merge`.  Help text
+says why, not only what (rqlite `flags.toml`).
+
+Exit codes are for scripts: 0 success; 1 the ledger refused an event (its code is printed);
+2 usage or configuration error; 3 the cluster could not be reached (nothing was applied);
+4 outcome unknown (it may have been applied: run the same command again, ids make it safe);
+5 the request was rejected as malformed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
 
 import click
 
+from . import codes
+from .codes import Code
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_UNKNOWN, EXIT_REJECTED = range(6)
+
+_cluster_option = click.option(
+    "--cluster", envvar="RAFTPAY_CLUSTER", metavar="HOST:PORT,...",
+    help="Client addresses of some nodes (any will do: the client finds the leader). "
+         "Default: $RAFTPAY_CLUSTER.")
+
+
+def _client(cluster: str | None, timeout_s: float = 10.0):
+    from .client import Client
+    try:
+        return Client(cluster, timeout_s=timeout_s)
+    except ValueError as e:
+        raise click.UsageError(str(e))
+
+
+def _run_client(fn):
+    """Map client exceptions onto exit codes with a message a person can act on."""
+    try:
+        return fn()
+    except codes.OutcomeUnknown as e:
+        click.echo(f"outcome unknown: {e}", err=True)
+        sys.exit(EXIT_UNKNOWN)
+    except codes.Unavailable as e:
+        click.echo(f"cluster unavailable (nothing was applied): {e}", err=True)
+        sys.exit(EXIT_UNAVAILABLE)
+    except codes.RequestRejected as e:
+        click.echo(f"rejected: {e}", err=True)
+        sys.exit(EXIT_REJECTED)
+
+
+def _id(text: str):
+    """Ids typed at a shell: digits are integer ids, anything else a string id."""
+    return int(text) if text.isdigit() else text
+
 
 @click.group()
-def main() -> None:
-    """raftpay: a Raft-replicated payment ledger."""
+@click.option("-v", "--verbose", is_flag=True, help="Log at INFO level to stderr.")
+def main(verbose: bool) -> None:
+    """raftpay: a payment ledger replicated with Raft, with no outside coordinator."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+# --- running nodes ------------------------------------------------------------------------------
+
+@main.group()
+def node() -> None:
+    """Run a node."""
+
+
+@node.command("start")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="The node's TOML config (see configs/).")
+def node_start(config_path: str) -> None:
+    """Run one node from a config file, in the foreground, until SIGTERM or Ctrl-C.
+
+    The config is checked first: a node with a bad config refuses to start and says which key is
+    wrong and what is allowed (exit code 2)."""
+    from .config import ConfigError, load
+    try:
+        cfg = load(config_path)
+    except (ConfigError, OSError) as e:
+        click.echo(f"refusing to start: {e}", err=True)
+        sys.exit(EXIT_USAGE)
+    if cfg.node.mode == "zk-election":
+        try:
+            from .zk.baseline import serve as serve_zk
+        except ImportError as e:
+            click.echo(f"refusing to start: zk-election mode is not available: {e}", err=True)
+            sys.exit(EXIT_USAGE)
+        asyncio.run(serve_zk(cfg))
+        return
+    from .server import serve
+    asyncio.run(serve(cfg))
+
+
+class LocalCluster:
+    """N node processes on loopback, for `up`, `demo`, tests and benchmarks.
+
+    Writes one config per node into `data_dir`, starts `python -m raftpay node start` for each,
+    and stops them with SIGTERM (SIGKILL after a grace period)."""
+
+    def __init__(self, nodes: int = 3, data_dir: str | None = None, base_port: int = 7001,
+                 secret: str | None = None, ports=None, **sections):
+        from .config import dump_toml, make_local_cluster
+        self._tmp = None
+        if data_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="raftpay-")
+            data_dir = self._tmp.name
+        self.data_dir = os.path.abspath(data_dir)
+        os.makedirs(self.data_dir, exist_ok=True)
+        self.secret = secret if secret is not None else secrets.token_hex(16)
+        self.configs = make_local_cluster(nodes, base_port, self.data_dir, self.secret,
+                                          ports=ports, **sections)
+        self.paths = []
+        for cfg in self.configs:
+            path = os.path.join(self.data_dir, f"{cfg.node.id}.toml")
+            with open(path, "w") as f:
+                f.write(dump_toml(cfg))
+            os.chmod(path, 0o600)  # it holds the cluster secret
+            self.paths.append(path)
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    @property
+    def client_addrs(self) -> list[str]:
+        return [c.node.client_addr for c in self.configs]
+
+    @property
+    def seeds(self) -> str:
+        return ",".join(self.client_addrs)
+
+    def start(self, node_id: str | None = None) -> None:
+        for cfg, path in zip(self.configs, self.paths):
+            if node_id and cfg.node.id != node_id:
+                continue
+            log = open(os.path.join(self.data_dir, f"{cfg.node.id}.log"), "ab")
+            self.procs[cfg.node.id] = subprocess.Popen(
+                [sys.executable, "-m", "raftpay", "-v", "node", "start", "--config", path],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            log.close()
+
+    def kill(self, node_id: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs.get(node_id)
+        if proc and proc.poll() is None:
+            proc.send_signal(sig)
+            proc.wait(10)
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs.clear()
+
+    def wait_for_leader(self, timeout_s: float = 20.0) -> str:
+        """Blocks until a node reports itself leader; returns its client address."""
+        from .client import Client
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for addr in self.client_addrs:
+                try:
+                    with Client(addr, timeout_s=0.5, attempt_timeout_s=0.5) as c:
+                        st = c.status(addr=addr)
+                    if st.get("role") == "leader":
+                        return addr
+                except codes.RaftpayError:
+                    pass
+                for node_id, proc in self.procs.items():
+                    if proc.poll() is not None and proc.returncode not in (0, -9, -15):
+                        raise RuntimeError(f"node {node_id} exited with {proc.returncode}; "
+                                           f"see {self.data_dir}/{node_id}.log")
+            time.sleep(0.05)
+        raise TimeoutError(f"no leader within {timeout_s} s; logs in {self.data_dir}")
+
+    def close(self) -> None:
+        self.stop()
+        if self._tmp:
+            self._tmp.cleanup()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 @main.command()
-def demo() -> None:
-    """Start a local 3-node cluster and show a payment flowing."""
-    click.echo("cluster coming: the node, server and client land with the cluster issue")
+@click.option("--nodes", default=3, show_default=True, type=click.IntRange(1, 9),
+              help="Cluster size; 3 survives one failure, 5 survives two.")
+@click.option("--data-dir", default="data/local", show_default=True,
+              help="Where node configs, journals and logs go.  Reusing it restarts the same "
+                   "cluster with its state.")
+@click.option("--base-port", default=7001, show_default=True, type=click.IntRange(1, 65000),
+              help="Raft ports are base..base+N-1, client ports base+100...")
+@click.option("--fsync", type=click.Choice(["always", "never"]), default="always",
+              show_default=True,
+              help="'always' persists each entry before it counts towards a commit; 'never' "
+                   "survives a process kill but not a power loss.")
+def up(nodes: int, data_dir: str, base_port: int, fsync: str) -> None:
+    """Run a local cluster in the foreground until Ctrl-C.  No ZooKeeper needed.
+
+    A cluster secret (node-to-node encryption) is generated on first start and kept in the data
+    dir's node configs."""
+    from .config import RaftConfig
+    secret = _existing_secret(data_dir)
+    cluster = LocalCluster(nodes, data_dir, base_port, secret, raft=RaftConfig(fsync=fsync))
+    cluster.start()
+    try:
+        leader = cluster.wait_for_leader()
+        click.echo(f"raftpay: {nodes} nodes up; leader at {leader}")
+        for cfg in cluster.configs:
+            click.echo(f"  {cfg.node.id}  client {cfg.node.client_addr}  raft "
+                       f"{cfg.node.raft_addr}  data {cfg.node.data_dir}")
+        click.echo(f"\nexport RAFTPAY_CLUSTER={cluster.seeds}\nCtrl-C stops the cluster.")
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        while all(p.poll() is None for p in cluster.procs.values()):
+            time.sleep(0.5)
+        click.echo("a node exited; stopping the cluster", err=True)
+    except KeyboardInterrupt:
+        click.echo("\nstopping...")
+    finally:
+        cluster.stop()
+
+
+def _existing_secret(data_dir: str) -> str | None:
+    path = os.path.join(data_dir, "n1.toml")
+    if not os.path.exists(path):
+        return None
+    from .config import load
+    try:
+        return load(path).cluster.secret or None
+    except Exception:
+        return None
+
+
+@main.command()
+@click.option("--nodes", default=3, show_default=True, type=click.IntRange(1, 9))
+@click.option("--base-port", default=7001, show_default=True, type=click.IntRange(1, 65000))
+def demo(nodes: int, base_port: int) -> None:
+    """Start a local cluster, show a payment flowing, stop.
+
+    Creates two accounts, pays, retries the same payment id (answered `exists`, nothing moves
+    twice), and reads the balances, then stops the cluster."""
+    from .client import Client
+    with LocalCluster(nodes, None, base_port) as cluster:
+        cluster.start()
+        click.echo(f"starting {nodes} nodes on loopback...")
+        leader = cluster.wait_for_leader()
+        click.echo(f"leader elected: {leader}\n")
+        with Client(cluster.seeds) as c:
+            def show(what, result):
+                click.echo(f"  {what:<52} -> {codes.name(result)}")
+
+            show("create account alice (USD=840, no overdraft)",
+                 c.create_account("alice", 840, flags=["debits_must_not_exceed_credits"]))
+            show("create account bob (USD=840)", c.create_account("bob", 840))
+            show("create account bank (USD=840)", c.create_account("bank", 840))
+            show("deposit 100.00 bank -> alice (id dep-1)",
+                 c.transfer("dep-1", "bank", "alice", 10000, 840))
+            show("pay 25.00 alice -> bob (id pay-1)", c.transfer("pay-1", "alice", "bob", 2500, 840))
+            show("retry the same payment (id pay-1)",
+                 c.transfer("pay-1", "alice", "bob", 2500, 840))
+            show("same id, different amount (id pay-1)",
+                 c.transfer("pay-1", "alice", "bob", 9900, 840))
+            show("pay 500.00 alice -> bob (id pay-2): too much",
+                 c.transfer("pay-2", "alice", "bob", 50000, 840))
+            click.echo("\nbalances (linearizable read):")
+            for a in c.lookup_accounts(["alice", "bob", "bank"]):
+                click.echo(f"  {a['id']:<6} credits {a['credits_posted'] / 100:>8.2f}  "
+                           f"debits {a['debits_posted'] / 100:>8.2f}  "
+                           f"balance {(a['credits_posted'] - a['debits_posted']) / 100:>8.2f}")
+        click.echo("\nstopping the cluster.")
+
+
+# --- status -------------------------------------------------------------------------------------
+
+@main.command()
+@_cluster_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(cluster: str | None, as_json: bool) -> None:
+    """A table of nodes: role, term, commit and applied index, lag, address."""
+    from .client import Client, parse_seeds
+    try:
+        addrs = parse_seeds(cluster)
+    except ValueError as e:
+        raise click.UsageError(str(e))
+    rows = []
+    for addr in addrs:
+        try:
+            with Client(addr, timeout_s=2, attempt_timeout_s=2) as c:
+                rows.append(dict(c.status(addr=addr), address=addr))
+        except codes.RaftpayError as e:
+            rows.append({"address": addr, "role": "unreachable", "error": str(e)})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+    else:
+        leader_commit = max((r.get("commit_index", 0) for r in rows), default=0)
+        click.echo(f"{'node':<6}{'role':<12}{'term':>6}{'commit':>10}{'applied':>10}"
+                   f"{'lag':>8}  address")
+        for r in rows:
+            lag = leader_commit - r["applied_index"] if "applied_index" in r else ""
+            click.echo(f"{str(r.get('id', '?')):<6}{r.get('role', '?'):<12}"
+                       f"{str(r.get('term', '')):>6}{str(r.get('commit_index', '')):>10}"
+                       f"{str(r.get('applied_index', '')):>10}{str(lag):>8}  {r['address']}")
+    if all(r.get("role") == "unreachable" for r in rows):
+        sys.exit(EXIT_UNAVAILABLE)
+
+
+# --- ledger commands for people at a shell --------------------------------------------------------
+
+@main.group()
+def account() -> None:
+    """Create and show accounts."""
+
+
+@account.command("create")
+@_cluster_option
+@click.argument("account_id")
+@click.option("--currency", required=True, type=click.IntRange(1, 2 ** 32 - 1),
+              help="Ledger/currency code (e.g. ISO 4217 numeric: 840 for USD).")
+@click.option("--flag", "flags", multiple=True,
+              type=click.Choice(["debits_must_not_exceed_credits",
+                                 "credits_must_not_exceed_debits", "closed"]),
+              help="Account constraint; repeatable.")
+@click.option("--user-data", default=0, type=click.IntRange(0, 2 ** 64 - 1))
+def account_create(cluster, account_id, currency, flags, user_data) -> None:
+    """Create an account (safe to repeat: the same account answers `exists`)."""
+    with _client(cluster) as c:
+        code = _run_client(lambda: c.create_account(_id(account_id), currency, list(flags),
+                                                    user_data))
+    _finish(code)
+
+
+@account.command("show")
+@_cluster_option
+@click.argument("account_ids", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True)
+def account_show(cluster, account_ids, as_json) -> None:
+    """Show accounts and their balances (a linearizable read)."""
+    with _client(cluster) as c:
+        accounts = _run_client(lambda: c.lookup_accounts([_id(a) for a in account_ids]))
+    if as_json:
+        click.echo(json.dumps(accounts, indent=2))
+        return
+    missing = False
+    for aid, a in zip(account_ids, accounts):
+        if a is None:
+            click.echo(f"{aid}: not found")
+            missing = True
+            continue
+        click.echo(f"{a['id']}: currency {a['currency']}  debits posted {a['debits_posted']} "
+                   f"pending {a['debits_pending']}  credits posted {a['credits_posted']} "
+                   f"pending {a['credits_pending']}  flags {a['flags']}")
+    if missing:
+        sys.exit(EXIT_REFUSED)
+
+
+@main.command()
+@_cluster_option
+@click.option("--id", "transfer_id", required=True,
+              help="The idempotency key: retrying with the same id never pays twice.")
+@click.option("--from", "debit", help="Debit account id.")
+@click.option("--to", "credit", help="Credit account id.")
+@click.option("--amount", type=int, help="Minor units (cents).")
+@click.option("--currency", type=int)
+@click.option("--pending", is_flag=True, help="Reserve only; post or void later.")
+@click.option("--timeout-ms", type=int, default=0, help="A pending transfer expires after this.")
+@click.option("--post", "post_id", help="Post the pending transfer with this id.")
+@click.option("--void", "void_id", help="Void the pending transfer with this id.")
+def transfer(cluster, transfer_id, debit, credit, amount, currency, pending, timeout_ms,
+             post_id, void_id) -> None:
+    """Move money between two accounts (or post/void a pending transfer)."""
+    t = {"id": _id(transfer_id)}
+    if post_id and void_id:
+        raise click.UsageError("--post and --void exclude each other")
+    if post_id or void_id:
+        t.update(pending_id=_id(post_id or void_id),
+                 flags=["post_pending" if post_id else "void_pending"])
+    else:
+        missing = [n for n, v in (("--from", debit), ("--to", credit), ("--amount", amount),
+                                  ("--currency", currency)) if v is None]
+        if missing:
+            raise click.UsageError(f"missing {', '.join(missing)}")
+        t["flags"] = ["pending"] if pending else []
+        if timeout_ms:
+            t["timeout_ms"] = timeout_ms
+    for key, value in (("debit_account_id", debit), ("credit_account_id", credit),
+                       ("amount", amount), ("currency", currency)):
+        if value is not None:
+            t[key] = _id(value) if key.endswith("_id") else value
+    with _client(cluster) as c:
+        (code,) = _run_client(lambda: c.create_transfers([t]))
+    _finish(code)
+
+
+@main.command()
+@_cluster_option
+@click.argument("account_id")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10_000))
+@click.option("--cursor", default=0, type=click.IntRange(0), help="From a previous page.")
+@click.option("--json", "as_json", is_flag=True)
+def history(cluster, account_id, limit, cursor, as_json) -> None:
+    """An account's transfers in the order they were applied."""
+    with _client(cluster) as c:
+        items, next_cursor = _run_client(
+            lambda: c.account_transfers(_id(account_id), limit, cursor))
+    if as_json:
+        click.echo(json.dumps({"transfers": items, "next_cursor": next_cursor}, indent=2))
+        return
+    for t in items:
+        click.echo(f"{t['timestamp']:>20}  {str(t['id']):<20} {str(t['debit_account_id']):>12} -> "
+                   f"{str(t['credit_account_id']):<12} {t['amount']:>14}  {t['status']}")
+    if next_cursor is not None:
+        click.echo(f"(more: --cursor {next_cursor})")
+
+
+def _finish(code: int) -> None:
+    click.echo(codes.name(code))
+    sys.exit(EXIT_OK if code in (Code.OK, Code.EXISTS) else EXIT_REFUSED)
+
+
+# --- logs ---------------------------------------------------------------------------------------
+
+@main.group()
+def logs() -> None:
+    """Work with nodes' structured event logs."""
+
+
+@logs.command("merge")
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--window-ms", default=1000, show_default=True, type=click.IntRange(0),
+              help="Reorder window for lines without an HLC stamp.")
+def logs_merge(files, window_ms) -> None:
+    """Merge several nodes' event logs into one ordered stream (HLC order)."""
+    from .logmerge import merge
+    for line in merge(list(files), window_ms=window_ms):
+        click.echo(line.rstrip("\n"))

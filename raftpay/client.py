@@ -1,0 +1,508 @@
+"""The thin client: find the leader, follow redirects, retry safely, say when it cannot know.
+
+Design.  `Client` (blocking) and `AsyncClient` (asyncio) share one core (httpx's pattern): the
+decisions — which node to ask, what a reply means, when to redirect, back off, retry or give up —
+are written once as a generator, `_Core.call`, that yields I/O steps (`_Send`, `_Sleep`) and is
+sent their outcomes.  Each client only performs those steps with its own kind of I/O.
+
+Retries keep the request's identity: the same events with the same ids, and, when the client
+uses a session, the same (session, seq).  So a retry after a lost reply is answered from the
+ledger's stored reply or with `exists`, never applied twice (TigerBeetle's reliable submission;
+Raft thesis §6.3).  Redirects are bounded per attempt; `no_leader`, `overloaded` and
+`read_not_ready` back off with jitter; everything stops at the call's deadline.
+
+When the deadline passes the client raises `Unavailable` if nothing could have been applied
+(no node accepted the request), or `OutcomeUnknown` if the request may have been applied (a
+connection broke after sending, or the server answered `timeout`/`outcome_unknown`).  After
+`OutcomeUnknown`, calling again with the same ids is always safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import random
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+from . import wire
+from .codes import (Code, OutcomeUnknown, ProtocolError, RaftpayError, RequestRejected,
+                    Unavailable)
+from .ledger import ACCOUNT_FLAG_NAMES, TRANSFER_FLAG_NAMES
+
+#: Environment variable holding the seed list ("host:port,host:port").
+CLUSTER_ENV = "RAFTPAY_CLUSTER"
+
+_WRITE_TYPES = frozenset({"submit", "register_session", "keep_alive"})
+
+
+def parse_seeds(seeds: str | Sequence[str] | None) -> list[str]:
+    """"h:p,h:p" or a list -> list of "h:p".  Falls back to $RAFTPAY_CLUSTER."""
+    if seeds is None:
+        seeds = os.environ.get(CLUSTER_ENV, "")
+    if isinstance(seeds, str):
+        seeds = [s.strip() for s in seeds.split(",")]
+    out = [s for s in seeds if s]
+    for s in out:
+        host, _, port = s.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"seed {s!r} is not host:port")
+    if not out:
+        raise ValueError(f"no cluster address given (pass seeds or set {CLUSTER_ENV})")
+    return out
+
+
+def flags_of(names: Iterable[str] | int | None, table: dict[str, int]) -> int:
+    """Flag names ("pending", "linked", ...) -> bit mask; an int passes through."""
+    if names is None:
+        return 0
+    if isinstance(names, int):
+        return names
+    mask = 0
+    for n in names:
+        if n not in table:
+            raise ValueError(f"unknown flag {n!r}; known: {', '.join(table)}")
+        mask |= table[n]
+    return mask
+
+
+# --- The sans-I/O core --------------------------------------------------------------------------
+
+@dataclass
+class _Send:
+    addr: str
+    frame: bytes
+    rid: int
+    timeout_s: float
+
+
+@dataclass
+class _Sleep:
+    seconds: float
+
+
+@dataclass
+class _Failed:
+    """The outcome of a `_Send` that got no reply.  `sent` says whether the bytes may have left."""
+    error: BaseException
+    sent: bool
+
+
+class _Core:
+    """Leader tracking, session numbering and the retry policy.  Not thread-safe by itself; the
+    clients serialise access to it (the sync one with a lock, the async one by its loop)."""
+
+    def __init__(self, seeds, *, timeout_s: float, max_redirects: int, attempt_timeout_s: float,
+                 use_session: bool):
+        self.seeds = parse_seeds(seeds)
+        self.timeout_s = timeout_s
+        self.max_redirects = max_redirects
+        self.attempt_timeout_s = attempt_timeout_s
+        self.use_session = use_session
+        self.leader: str | None = None
+        self._rids = itertools.count(random.getrandbits(32))
+        self._rotate = itertools.cycle(range(len(self.seeds)))
+        self.session: int | None = None
+        self._next_seq = 1
+        self._outstanding: set[int] = set()
+
+    def _pick(self) -> str:
+        if self.leader:
+            return self.leader
+        return self.seeds[next(self._rotate)]
+
+    def call(self, kind: str, body: dict, *, addr: str | None = None):
+        """Generator: yields `_Send`/`_Sleep`, receives an `Envelope` or `_Failed` for each
+        `_Send`; returns the reply body of a successful call or raises."""
+        deadline = time.monotonic() + self.timeout_s
+        maybe_applied = False
+        redirects = 0
+        backoff = 0.005
+        last_problem = "no attempt made"
+        seq = None
+        while True:
+            if kind == "submit" and self.use_session and self.session is None:
+                reg = yield from self.call("register_session", {})
+                self.session = reg["session"]
+            if kind == "submit" and self.use_session and seq is None:
+                seq = self._next_seq
+                self._next_seq += 1
+                self._outstanding.add(seq)
+            send_body = body
+            if seq is not None:
+                ack = min(self._outstanding) if self._outstanding else self._next_seq
+                send_body = dict(body, session=self.session, seq=seq, ack=ack)
+            target = addr or self._pick()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            rid = next(self._rids) & wire.U64_MAX
+            outcome = yield _Send(target, wire.encode(kind, rid, send_body), rid,
+                                  min(self.attempt_timeout_s, remaining))
+            retry_now = False
+            if isinstance(outcome, _Failed):
+                if self.leader == target:
+                    self.leader = None
+                if outcome.sent and kind in _WRITE_TYPES:
+                    maybe_applied = True
+                last_problem = f"{target}: {outcome.error!r}"
+                if addr:
+                    raise Unavailable(last_problem) from outcome.error
+            else:
+                rb = outcome.body
+                code = rb.get("code")
+                if code == Code.OK or (kind == "submit" and code is not None and code < 100):
+                    leader_only = kind in _WRITE_TYPES or (
+                        kind != "status" and body.get("consistency") == "linearizable")
+                    if leader_only and not addr:
+                        self.leader = target
+                    if seq is not None:
+                        self._outstanding.discard(seq)
+                    return rb
+                last_problem = f"{target}: {_code_name(code)} {rb.get('message', '')}".strip()
+                if code == Code.NOT_LEADER and not addr:
+                    redirects += 1
+                    self.leader = rb.get("leader")
+                    retry_now = redirects <= self.max_redirects and self.leader is not None
+                    if not retry_now:
+                        redirects = 0
+                        self.leader = None
+                elif code in (Code.NO_LEADER, Code.OVERLOADED, Code.READ_NOT_READY):
+                    if code == Code.NO_LEADER:
+                        self.leader = None
+                elif code in (Code.TIMEOUT, Code.OUTCOME_UNKNOWN):
+                    maybe_applied = maybe_applied or kind in _WRITE_TYPES
+                elif code == Code.SESSION_EXPIRED and kind == "submit":
+                    # A new session; the events keep their ids, so a transfer that was applied
+                    # under the old session answers `exists`.
+                    self._outstanding.discard(seq)
+                    self.session, seq = None, None
+                    retry_now = True
+                else:
+                    if seq is not None:
+                        self._outstanding.discard(seq)
+                    raise RequestRejected(code if code is not None else Code.INTERNAL_ERROR,
+                                          rb.get("message", ""))
+            if not retry_now:
+                pause = min(backoff * (1 + random.random()), max(0.0, deadline - time.monotonic()))
+                backoff = min(backoff * 2, 0.5)
+                if pause > 0:
+                    yield _Sleep(pause)
+        if seq is not None:
+            self._outstanding.discard(seq)
+        if maybe_applied:
+            raise OutcomeUnknown(f"{kind}: no answer within {self.timeout_s} s and it may have "
+                                 f"been applied; retry with the same ids ({last_problem})")
+        raise Unavailable(f"{kind}: no node took the request within {self.timeout_s} s "
+                          f"({last_problem})")
+
+
+def _code_name(code) -> str:
+    try:
+        return Code(code).name.lower()
+    except (ValueError, TypeError):
+        return f"code {code!r}"
+
+
+# --- Request builders shared by both clients ------------------------------------------------------
+
+class _Api:
+    """The ledger methods, written once; `_call(kind, body)` is the client's transport."""
+
+    def _call(self, kind: str, body: dict, addr: str | None = None):  # pragma: no cover
+        raise NotImplementedError
+
+    def submit(self, events: list[dict]):
+        """Submit ledger events; returns one `Code` per event."""
+        return self._map(self._call("submit", {"events": list(events)}),
+                         lambda rb: [Code(c) for c in rb["results"]])
+
+    def create_accounts(self, accounts: list[dict]):
+        """Each account: {id, currency, flags?, user_data?}.  Flags may be names."""
+        return self.submit([_account_event(a) for a in accounts])
+
+    def create_account(self, id, currency: int, flags=None, user_data: int = 0):
+        return self._map(self.create_accounts([{"id": id, "currency": currency, "flags": flags,
+                                                "user_data": user_data}]), lambda r: r[0])
+
+    def create_transfers(self, transfers: list[dict]):
+        """Each transfer: {id, debit_account_id, credit_account_id, amount, currency, flags?,
+        user_data?, pending_id?, timeout_ms?}.  Flags may be names."""
+        return self.submit([_transfer_event(t) for t in transfers])
+
+    def transfer(self, id, debit_account_id, credit_account_id, amount: int, currency: int,
+                 flags=None, **fields):
+        t = dict(id=id, debit_account_id=debit_account_id, credit_account_id=credit_account_id,
+                 amount=amount, currency=currency, flags=flags, **fields)
+        return self._map(self.create_transfers([t]), lambda r: r[0])
+
+    def post_pending(self, id, pending_id, amount: int | None = None):
+        t = {"id": id, "pending_id": pending_id, "flags": ["post_pending"]}
+        if amount is not None:
+            t["amount"] = amount
+        return self._map(self.create_transfers([t]), lambda r: r[0])
+
+    def void_pending(self, id, pending_id):
+        t = {"id": id, "pending_id": pending_id, "flags": ["void_pending"]}
+        return self._map(self.create_transfers([t]), lambda r: r[0])
+
+    def close_account(self, account_id):
+        return self._map(self.submit([{"op": "close_account", "account_id": account_id}]),
+                         lambda r: r[0])
+
+    def lookup_accounts(self, ids: list, consistency: str = "linearizable",
+                        min_version: int = 0):
+        return self._map(self._call("lookup_accounts", _read_body(
+            {"ids": list(ids)}, consistency, min_version)), lambda rb: rb["accounts"])
+
+    def lookup_transfers(self, ids: list, consistency: str = "linearizable",
+                         min_version: int = 0):
+        return self._map(self._call("lookup_transfers", _read_body(
+            {"ids": list(ids)}, consistency, min_version)), lambda rb: rb["transfers"])
+
+    def account_transfers(self, account, limit: int = 100, cursor: int = 0,
+                          consistency: str = "linearizable", min_version: int = 0):
+        """Returns (transfers, next_cursor)."""
+        return self._map(self._call("account_transfers", _read_body(
+            {"account": account, "limit": limit, "cursor": cursor}, consistency, min_version)),
+            lambda rb: (rb["transfers"], rb.get("next_cursor")))
+
+    def status(self, addr: str | None = None):
+        """The status of one node (the given address, else whichever answers)."""
+        return self._map(self._call("status", {}, addr=addr), lambda rb: rb["status"])
+
+
+def _read_body(body: dict, consistency: str, min_version: int) -> dict:
+    body["consistency"] = consistency
+    if min_version:
+        body["min_version"] = min_version
+    return body
+
+
+def _account_event(a: dict) -> dict:
+    ev = {"op": "create_account", **{k: v for k, v in a.items() if v is not None}}
+    ev["flags"] = flags_of(a.get("flags"), ACCOUNT_FLAG_NAMES)
+    return ev
+
+
+def _transfer_event(t: dict) -> dict:
+    ev = {"op": "create_transfer", **{k: v for k, v in t.items() if v is not None}}
+    ev["flags"] = flags_of(t.get("flags"), TRANSFER_FLAG_NAMES)
+    return ev
+
+
+# --- Blocking client ----------------------------------------------------------------------------
+
+class Client(_Api):
+    """Blocking client.  Thread-safe (one request at a time per client; use several clients, or
+    `AsyncClient`, for concurrency).  `seeds`: "h:p,h:p", a list, or None for $RAFTPAY_CLUSTER.
+
+    `timeout_s` bounds a whole call including retries; `use_session` makes writes exactly-once
+    even for events without natural ids (the ledger stores each request's reply)."""
+
+    def __init__(self, seeds=None, *, timeout_s: float = 10.0, max_redirects: int = 5,
+                 attempt_timeout_s: float = 5.0, use_session: bool = True,
+                 max_frame_bytes: int = wire.MAX_FRAME_BYTES):
+        self._core = _Core(seeds, timeout_s=timeout_s, max_redirects=max_redirects,
+                           attempt_timeout_s=attempt_timeout_s, use_session=use_session)
+        self._socks: dict[str, socket.socket] = {}
+        self._lock = threading.Lock()
+        self._max_frame_bytes = max_frame_bytes
+
+    @staticmethod
+    def _map(value, fn):
+        return fn(value)
+
+    def _call(self, kind: str, body: dict, addr: str | None = None):
+        with self._lock:
+            gen = self._core.call(kind, body, addr=addr)
+            step = next(gen)
+            while True:
+                if isinstance(step, _Sleep):
+                    time.sleep(step.seconds)
+                    result = None
+                else:
+                    result = self._roundtrip(step)
+                try:
+                    step = gen.send(result)
+                except StopIteration as done:
+                    return done.value
+
+    def _roundtrip(self, step: _Send):
+        sent = False
+        try:
+            sock = self._socks.get(step.addr)
+            if sock is None:
+                host, _, port = step.addr.rpartition(":")
+                sock = socket.create_connection((host, int(port)), timeout=step.timeout_s)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self._socks[step.addr] = sock
+            sock.settimeout(step.timeout_s)
+            sent = True
+            wire.send_frame(sock, step.frame)
+            while True:
+                env = wire.decode(wire.recv_frame(sock, self._max_frame_bytes, step.timeout_s),
+                                  self._max_frame_bytes)
+                if env.id == step.rid:
+                    return env
+                if env.id == 0 and env.body.get("code") == Code.INVALID_REQUEST:
+                    return env  # the server could not even read our frame
+        except (OSError, ProtocolError, TimeoutError) as e:
+            self._drop(step.addr)
+            return _Failed(e, sent)
+
+    def _drop(self, addr: str) -> None:
+        sock = self._socks.pop(addr, None)
+        if sock is not None:
+            sock.close()
+
+    def close(self) -> None:
+        for addr in list(self._socks):
+            self._drop(addr)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# --- asyncio client -----------------------------------------------------------------------------
+
+class _AsyncConn:
+    """One pipelined connection: many requests in flight, replies matched by id."""
+
+    def __init__(self, reader, writer, max_frame_bytes: int):
+        self.reader, self.writer = reader, writer
+        self.waiters: dict[int, asyncio.Future] = {}
+        self.max_frame_bytes = max_frame_bytes
+        self.reader_task = asyncio.create_task(self._read_loop())
+
+    async def _read_loop(self) -> None:
+        error: BaseException = ConnectionError("connection closed")
+        try:
+            while True:
+                payload = await wire.read_frame(self.reader, self.max_frame_bytes)
+                if payload is None:
+                    break
+                env = wire.decode(payload, self.max_frame_bytes)
+                fut = self.waiters.pop(env.id, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(env)
+        except (OSError, ProtocolError, asyncio.IncompleteReadError) as e:
+            error = e
+        finally:
+            for fut in self.waiters.values():
+                if not fut.done():
+                    fut.set_exception(error)
+            self.waiters.clear()
+            self.writer.close()
+
+    @property
+    def closed(self) -> bool:
+        return self.reader_task.done()
+
+    def close(self) -> None:
+        self.reader_task.cancel()
+        self.writer.close()
+
+
+class AsyncClient(_Api):
+    """asyncio client.  Many calls may run concurrently on one client (they pipeline on one
+    connection per node).  Same arguments and guarantees as `Client`; every method is a
+    coroutine."""
+
+    def __init__(self, seeds=None, *, timeout_s: float = 10.0, max_redirects: int = 5,
+                 attempt_timeout_s: float = 5.0, use_session: bool = True,
+                 max_frame_bytes: int = wire.MAX_FRAME_BYTES):
+        self._core = _Core(seeds, timeout_s=timeout_s, max_redirects=max_redirects,
+                           attempt_timeout_s=attempt_timeout_s, use_session=use_session)
+        self._conns: dict[str, _AsyncConn] = {}
+        self._connecting: dict[str, asyncio.Future] = {}
+        self._max_frame_bytes = max_frame_bytes
+        self._session_lock: asyncio.Lock | None = None
+
+    @staticmethod
+    async def _map(value, fn):
+        return fn(await value)
+
+    async def _call(self, kind: str, body: dict, addr: str | None = None):
+        if kind == "submit" and self._core.use_session and self._core.session is None:
+            # One registration for many concurrent first calls.
+            if self._session_lock is None:
+                self._session_lock = asyncio.Lock()
+            async with self._session_lock:
+                if self._core.session is None:
+                    reg = await self._run(self._core.call("register_session", {}))
+                    self._core.session = reg["session"]
+        return await self._run(self._core.call(kind, body, addr=addr))
+
+    async def _run(self, gen):
+        step = next(gen)
+        while True:
+            if isinstance(step, _Sleep):
+                await asyncio.sleep(step.seconds)
+                result = None
+            else:
+                result = await self._roundtrip(step)
+            try:
+                step = gen.send(result)
+            except StopIteration as done:
+                return done.value
+
+    async def _conn(self, addr: str, timeout_s: float) -> _AsyncConn:
+        conn = self._conns.get(addr)
+        if conn is not None and not conn.closed:
+            return conn
+        pending = self._connecting.get(addr)
+        if pending is None:
+            pending = asyncio.ensure_future(self._open(addr, timeout_s))
+            self._connecting[addr] = pending
+            pending.add_done_callback(lambda _f: self._connecting.pop(addr, None))
+        return await asyncio.shield(pending)
+
+    async def _open(self, addr: str, timeout_s: float) -> _AsyncConn:
+        host, _, port = addr.rpartition(":")
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, int(port), limit=2 ** 16), timeout_s)
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = _AsyncConn(reader, writer, self._max_frame_bytes)
+        self._conns[addr] = conn
+        return conn
+
+    async def _roundtrip(self, step: _Send):
+        sent = False
+        try:
+            conn = await self._conn(step.addr, step.timeout_s)
+            fut = asyncio.get_running_loop().create_future()
+            conn.waiters[step.rid] = fut
+            sent = True
+            conn.writer.write(step.frame)
+            return await asyncio.wait_for(fut, step.timeout_s)
+        except (OSError, ProtocolError, asyncio.TimeoutError, TimeoutError,
+                asyncio.IncompleteReadError) as e:
+            conn = self._conns.pop(step.addr, None)
+            if conn is not None:
+                conn.close()
+            return _Failed(e, sent)
+
+    async def close(self) -> None:
+        for conn in self._conns.values():
+            conn.close()
+        self._conns.clear()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+
+__all__ = ["Client", "AsyncClient", "parse_seeds", "CLUSTER_ENV", "RaftpayError",
+           "OutcomeUnknown", "Unavailable", "RequestRejected"]

@@ -1,0 +1,472 @@
+"""The client-facing server on every node (asyncio).
+
+Design (rqlite `http/service.go` is the model).  Each connection reads frames, decodes and checks
+them (`wire`), and answers each request as soon as it can — requests on one connection are
+handled concurrently and replies carry the request id, so a client may pipeline.
+
+Writes (`submit`, `register_session`, `keep_alive`) go only through the leader.  The leader does
+not propose one Raft entry per request: requests that arrive while entries are in flight wait in
+`_Batcher` and go out together as the next entry (group commit), bounded by `max_entry_bytes`.
+So load turns into larger entries, not more of them, and a lone request still goes out at once.
+The leader stamps each entry with its hybrid logical clock, proposes it, and replies only after
+the node has applied it (`Node.propose` calls back after apply) — a reply never precedes the
+apply.  If leadership changes with the entry in flight the reply is `outcome_unknown`: the client
+retries with the same ids and the ledger's idempotency makes that safe.
+
+A follower answers writes with `not_leader` and the leader's *client* address (or `no_leader`
+when it knows none); it never forwards, so a client always talks to the node that decides.
+
+Reads are linearizable by default: the leader confirms it still leads with a majority round
+(`Node.read_index`, shared by all reads that arrive while one is in flight) and waits until it
+has applied that far before it looks.  `consistency="follower"` reads are served by any node once
+it has applied at least `min_version` (read-your-writes with the version a write returned), or
+answered `read_not_ready` after a timeout.
+
+Threads: the asyncio loop owns this module; node callbacks arrive on the Raft thread and are
+bounced into the loop with `call_soon_threadsafe`.  A bad request gets an error reply; a broken
+connection is closed; nothing a client sends can stop the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Callable
+
+import msgpack
+
+from . import wire
+from .codes import Code, ProtocolError
+
+log = logging.getLogger("raftpay.server")
+
+#: Propose a no-op `tick` when the leader has proposed nothing for this long, so pending-transfer
+#: timeouts and session TTLs advance on an idle ledger.
+IDLE_TICK_S = 1.0
+
+_WRITE_TYPES = frozenset({"submit", "register_session", "keep_alive"})
+_READ_TYPES = frozenset({"lookup_accounts", "lookup_transfers", "account_transfers"})
+
+
+class ServerSettings:
+    """The knobs the server reads (from `config.ServerConfig` and `config.RaftConfig`)."""
+
+    def __init__(self, *, max_frame_bytes: int = wire.MAX_FRAME_BYTES,
+                 request_timeout_ms: int = 5000, max_inflight_requests: int = 10_000,
+                 idle_timeout_ms: int = 300_000, frame_timeout_ms: int = 10_000,
+                 max_entry_bytes: int = 4 * 1024 * 1024, max_inflight_entries: int = 2,
+                 follower_read_timeout_ms: int = 1000):
+        self.max_frame_bytes = max_frame_bytes
+        self.request_timeout_s = request_timeout_ms / 1000
+        self.max_inflight_requests = max_inflight_requests
+        self.idle_timeout_s = idle_timeout_ms / 1000
+        self.frame_timeout_s = frame_timeout_ms / 1000
+        self.max_entry_bytes = max_entry_bytes
+        self.max_inflight_entries = max_inflight_entries
+        self.follower_read_timeout_s = follower_read_timeout_ms / 1000
+
+    @classmethod
+    def from_config(cls, cfg) -> "ServerSettings":
+        s, r = cfg.server, cfg.raft
+        return cls(max_frame_bytes=s.max_frame_bytes, request_timeout_ms=s.request_timeout_ms,
+                   max_inflight_requests=s.max_inflight_requests,
+                   idle_timeout_ms=s.idle_timeout_ms, frame_timeout_ms=s.frame_timeout_ms,
+                   max_entry_bytes=r.max_entry_bytes)
+
+
+class Server:
+    """Serves one node's client port.
+
+    `node` is a `raftpay.node.Node`; `stamp()` returns the next HLC timestamp (leader side);
+    `client_addr_of(node_id)` maps a Raft node id to its client address for redirects;
+    `extra_status()` adds fields (clock, mirror) to `status` replies.
+    """
+
+    def __init__(self, node, *, stamp: Callable[[], int],
+                 client_addr_of: Callable[[str], str | None],
+                 settings: ServerSettings | None = None,
+                 extra_status: Callable[[], dict] | None = None):
+        self.node = node
+        self.stamp = stamp
+        self.client_addr_of = client_addr_of
+        self.settings = settings or ServerSettings()
+        self.extra_status = extra_status or (lambda: {})
+        self._server: asyncio.base_events.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._inflight = 0
+        self._batcher: _Batcher | None = None
+        self._reads: _ReadBarrier | None = None
+        self._conns: set[asyncio.StreamWriter] = set()
+        self._ticker: asyncio.Task | None = None
+        self.address: tuple[str, int] | None = None
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        """Listen on host:port (port 0 picks a free one); returns the bound address."""
+        self._loop = asyncio.get_running_loop()
+        self._batcher = _Batcher(self)
+        self._reads = _ReadBarrier(self)
+        self._server = await asyncio.start_server(self._serve, host, port,
+                                                  limit=2 ** 16, reuse_address=True)
+        self.address = self._server.sockets[0].getsockname()[:2]
+        self._ticker = asyncio.create_task(self._tick_when_idle())
+        return self.address
+
+    async def stop(self) -> None:
+        if self._ticker:
+            self._ticker.cancel()
+        if self._server:
+            self._server.close()
+        for w in list(self._conns):
+            w.close()
+        if self._server:
+            try:
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+            except (asyncio.TimeoutError, TimeoutError):
+                pass
+
+    # --- connections ------------------------------------------------------------------------
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._conns.add(writer)
+        s = self.settings
+        try:
+            while True:
+                try:
+                    payload = await wire.read_frame(reader, s.max_frame_bytes, s.frame_timeout_s,
+                                                    s.idle_timeout_s)
+                except (TimeoutError, asyncio.TimeoutError):
+                    break  # idle connection: let it go
+                except ProtocolError as e:
+                    # Oversized, half-sent or cut-off frame: the stream is out of step.  Say why
+                    # (best effort) and close.
+                    self._send(writer, wire.reply(0, Code.INVALID_REQUEST, message=str(e)))
+                    break
+                if payload is None:
+                    break
+                self._dispatch(payload, writer)
+        except (ConnectionError, OSError):
+            pass
+        except Exception:  # pragma: no cover - a bug here must not take the server down
+            log.exception("connection handler failed")
+        finally:
+            self._conns.discard(writer)
+            writer.close()
+
+    def _send(self, writer: asyncio.StreamWriter, frame: bytes) -> None:
+        if not writer.is_closing():
+            writer.write(frame)
+
+    def _reply(self, writer, rid: int, code: int, **fields: Any) -> None:
+        try:
+            frame = wire.encode(wire.REPLY, rid, {"code": int(code), **fields},
+                                self.settings.max_frame_bytes)
+        except Exception as e:  # a reply too large to send is an honest error, not a crash
+            frame = wire.reply(rid, Code.INTERNAL_ERROR, message=f"reply not sent: {e}")
+        self._send(writer, frame)
+
+    def _dispatch(self, payload: bytes, writer) -> None:
+        try:
+            env = wire.decode(payload, self.settings.max_frame_bytes)
+            wire.validate_request(env)
+        except wire.WireError as e:
+            self._reply(writer, e.request_id or 0, e.code, message=str(e))
+            return
+        if self._inflight >= self.settings.max_inflight_requests:
+            self._reply(writer, env.id, Code.OVERLOADED, message="too many requests in flight")
+            return
+        self._inflight += 1
+        task = asyncio.ensure_future(self._handle(env, writer))
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._inflight -= 1
+        if not task.cancelled() and task.exception() is not None:
+            log.error("request handler failed", exc_info=task.exception())
+
+    async def _handle(self, env: wire.Envelope, writer) -> None:
+        kind, body, rid = env.type, env.body, env.id
+        try:
+            if kind == "ping":
+                st = self.node.status()
+                self._reply(writer, rid, Code.OK, node=st.get("id"), role=st.get("role"))
+            elif kind == "status":
+                st = dict(self.node.status())
+                st.update(self.extra_status())
+                st["leader_client_addr"] = self._leader_hint()
+                st["state_hash"] = self.node.state_hash()
+                self._reply(writer, rid, Code.OK, status=st)
+            elif kind in _WRITE_TYPES:
+                await self._write(kind, body, rid, writer)
+            elif kind in _READ_TYPES:
+                await self._read(kind, body, rid, writer)
+            else:  # validate_request knows the types; this is a guard for a new one
+                self._reply(writer, rid, Code.INVALID_REQUEST, message=f"unhandled {kind!r}")
+        except Exception as e:
+            log.exception("request %s failed", kind)
+            self._reply(writer, rid, Code.INTERNAL_ERROR, message=repr(e))
+
+    def _leader_hint(self) -> str | None:
+        leader = self.node.leader_id
+        return self.client_addr_of(leader) if leader else None
+
+    def _not_leader(self, writer, rid: int) -> None:
+        hint = self._leader_hint()
+        if hint and self.node.leader_id != self.node.node_id:
+            self._reply(writer, rid, Code.NOT_LEADER, leader=hint)
+        else:
+            self._reply(writer, rid, Code.NO_LEADER, message="no leader known; retry shortly")
+
+    # --- writes -----------------------------------------------------------------------------
+
+    async def _write(self, kind: str, body: dict, rid: int, writer) -> None:
+        if not self.node.is_leader():
+            self._not_leader(writer, rid)
+            return
+        if kind == "submit":
+            command = {"type": "submit", "events": body["events"]}
+            for k in ("session", "seq", "ack"):
+                if k in body:
+                    command[k] = body[k]
+        elif kind == "register_session":
+            command = {"type": "register_session"}
+        else:
+            command = {"type": "keep_alive", "session": body["session"]}
+        fut = self._batcher.add(command)
+        try:
+            code, reply, index = await asyncio.wait_for(asyncio.shield(fut),
+                                                        self.settings.request_timeout_s)
+        except (asyncio.TimeoutError, TimeoutError):
+            self._reply(writer, rid, Code.TIMEOUT,
+                        message="no commit within the request timeout; the outcome is unknown")
+            return
+        if code != Code.OK:
+            if code == Code.NOT_LEADER or code == Code.NO_LEADER:
+                self._not_leader(writer, rid)
+            else:
+                self._reply(writer, rid, code)
+            return
+        fields = {k: v for k, v in reply.items() if k != "code"}
+        self._reply(writer, rid, reply["code"], version=index, **fields)
+
+    async def _tick_when_idle(self) -> None:
+        while True:
+            await asyncio.sleep(IDLE_TICK_S / 2)
+            b = self._batcher
+            if (self.node.is_leader() and not b.queue and not b.inflight
+                    and time.monotonic() - b.last_propose >= IDLE_TICK_S):
+                b.add({"type": "tick"})
+
+    # --- reads ------------------------------------------------------------------------------
+
+    async def _read(self, kind: str, body: dict, rid: int, writer) -> None:
+        consistency = body.get("consistency", "linearizable")
+        loop = self._loop
+        if consistency == "linearizable":
+            if not self.node.is_leader():
+                self._not_leader(writer, rid)
+                return
+            try:
+                code, index = await asyncio.wait_for(self._reads.wait(),
+                                                     self.settings.request_timeout_s)
+            except (asyncio.TimeoutError, TimeoutError):
+                self._reply(writer, rid, Code.TIMEOUT, message="leadership not confirmed in time")
+                return
+            if code != Code.OK:
+                self._not_leader(writer, rid) if code in (Code.NOT_LEADER, Code.NO_LEADER) \
+                    else self._reply(writer, rid, code)
+                return
+        else:
+            want = body.get("min_version", 0)
+            fut = loop.create_future()
+            self.node.wait_applied(want, self.settings.follower_read_timeout_s,
+                                   _threadsafe(loop, fut))
+            code, index = await fut
+            if code != Code.OK:
+                self._reply(writer, rid, code, applied=index,
+                            message=f"applied {index} < asked version {want}; retry")
+                return
+        if kind == "lookup_accounts":
+            out = self.node.query(lambda led: led.lookup_accounts(body["ids"]))
+            self._reply(writer, rid, Code.OK, accounts=out, version=index)
+        elif kind == "lookup_transfers":
+            out = self.node.query(lambda led: led.lookup_transfers(body["ids"]))
+            self._reply(writer, rid, Code.OK, transfers=out, version=index)
+        else:
+            items, cursor = self.node.query(lambda led: led.account_transfers(
+                body["account"], body.get("limit", 100), body.get("cursor", 0)))
+            self._reply(writer, rid, Code.OK, transfers=items, next_cursor=cursor, version=index)
+
+
+def _threadsafe(loop: asyncio.AbstractEventLoop, fut: asyncio.Future) -> Callable:
+    """A callback for the Raft thread that resolves `fut` in the loop with its arguments."""
+
+    def resolve(*args):
+        def set_result():
+            if not fut.done():
+                fut.set_result(args)
+
+        loop.call_soon_threadsafe(set_result)
+
+    return resolve
+
+
+class _Batcher:
+    """Group commit on the leader: commands that arrive while entries are in flight wait and go
+    out together as the next entry.  At most `max_inflight_entries` entries are in flight, so an
+    idle leader proposes a lone request at once and a busy one batches."""
+
+    def __init__(self, server: Server):
+        self.server = server
+        self.queue: list[tuple[dict, asyncio.Future]] = []
+        self.inflight = 0
+        self.last_propose = 0.0
+        self._scheduled = False
+
+    def add(self, command: dict) -> asyncio.Future:
+        fut = self.server._loop.create_future()
+        self.queue.append((command, fut))
+        if not self._scheduled and self.inflight < self.server.settings.max_inflight_entries:
+            # Let the requests already read from sockets in this loop turn join the entry.
+            self._scheduled = True
+            self.server._loop.call_soon(self._flush)
+        return fut
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        limit = self.server.settings.max_entry_bytes
+        while self.queue and self.inflight < self.server.settings.max_inflight_entries:
+            commands, futs, size = [], [], 0
+            while self.queue:
+                cmd, fut = self.queue[0]
+                n = len(cmd.get("events", ())) * 96 + 32  # a cheap size estimate
+                if commands and size + n > limit:
+                    break
+                self.queue.pop(0)
+                commands.append(cmd)
+                futs.append(fut)
+                size += n
+            self._propose(commands, futs)
+
+    def _propose(self, commands: list, futs: list) -> None:
+        server = self.server
+        try:
+            payload = msgpack.packb([server.stamp(), commands], use_bin_type=True)
+        except Exception as e:  # e.g. the HLC guard refused to stamp
+            for f in futs:
+                if not f.done():
+                    f.set_result((Code.NO_LEADER, None, 0))
+            log.warning("not proposing: %s", e)
+            return
+        self.inflight += 1
+        self.last_propose = time.monotonic()
+        loop = server._loop
+
+        def on_result(code, replies, index):
+            loop.call_soon_threadsafe(self._resolved, futs, code, replies, index)
+
+        server.node.propose(payload, on_result)
+
+    def _resolved(self, futs, code, replies, index) -> None:
+        self.inflight -= 1
+        for i, f in enumerate(futs):
+            if not f.done():
+                f.set_result((code, replies[i] if code == Code.OK else None, index))
+        if self.queue and not self._scheduled:
+            self._scheduled = True
+            self.server._loop.call_soon(self._flush)
+
+
+class _ReadBarrier:
+    """Linearizable reads share leadership confirmations: every read that arrives while one
+    `read_index` round is in flight waits for the next round, which starts after it arrived."""
+
+    def __init__(self, server: Server):
+        self.server = server
+        self.waiting: list[asyncio.Future] = []
+        self.running = False
+
+    def wait(self) -> asyncio.Future:
+        fut = self.server._loop.create_future()
+        self.waiting.append(fut)
+        if not self.running:
+            self._start()
+        return fut
+
+    def _start(self) -> None:
+        self.running = True
+        batch, self.waiting = self.waiting, []
+        loop = self.server._loop
+
+        def done(code, index):
+            loop.call_soon_threadsafe(self._finish, batch, code, index)
+
+        self.server.node.read_index(done)
+
+    def _finish(self, batch, code, index) -> None:
+        self.running = False
+        for f in batch:
+            if not f.done():
+                f.set_result((code, index))
+        if self.waiting:
+            self._start()
+
+
+# --- The node process ---------------------------------------------------------------------------
+
+def _observe(hlc, ts: int) -> None:
+    """Receive rule on apply.  A stamp too far ahead of our wall clock is not adopted (the HLC
+    guard refuses it); the ledger still orders it, and the warning says whose clock is off."""
+    from .clock import ClockOffsetError
+    try:
+        hlc.observe(ts)
+    except ClockOffsetError as e:
+        log.warning("applied entry stamped beyond the clock guard: %s", e)
+
+
+async def serve(cfg, *, stop: asyncio.Event | None = None, on_ready=None) -> None:
+    """Run one raft-mode node from a validated `NodeConfig` until `stop` is set (or SIGTERM /
+    SIGINT): the Raft node, its clock, and this server on the client address.
+
+    Blocks (it is the process's main coroutine).  Stops cleanly: the server closes first so no
+    reply is cut in half, then the node flushes and releases its port and files.
+    """
+    import signal
+
+    from .clock import HLC
+    from .config import parse_addr
+    from .node import Node
+
+    hlc = HLC(max_offset_ms=cfg.clock.max_offset_ms)
+    # Every replica moves its clock forward by what it applies, so a new leader never stamps
+    # below the log (the ledger normalises too; this keeps the stamps close to real time).
+    node = Node(cfg.node.id, cfg.node.raft_addr, {p.id: p.raft_addr for p in cfg.other_peers},
+                cfg.node.data_dir, secret=cfg.cluster.secret or None, fsync=cfg.raft.fsync,
+                election_timeout_ms=cfg.raft.election_timeout_ms,
+                session_ttl_ms=cfg.ledger.session_ttl_ms,
+                on_apply=lambda index, ts, replies: _observe(hlc, ts))
+    by_id = {p.id: p.client_addr for p in cfg.cluster.peers}
+    server = Server(node, stamp=hlc.now, client_addr_of=by_id.get,
+                    settings=ServerSettings.from_config(cfg),
+                    extra_status=lambda: {"client_addr": cfg.node.client_addr,
+                                          "hlc": hlc.peek()})
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread
+            pass
+    node.start()
+    try:
+        host, port = parse_addr(cfg.node.client_addr)
+        await server.start(host, port)
+        log.info("node %s serving clients on %s", cfg.node.id, cfg.node.client_addr)
+        if on_ready:
+            on_ready(server)
+        await stop.wait()
+    finally:
+        await server.stop()
+        node.stop()

@@ -1,0 +1,80 @@
+"""Real node processes on loopback for tests: free ports, deadlines, no sleeps as synchronisation."""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Callable
+
+from raftpay.cli import LocalCluster
+from raftpay.client import Client
+from raftpay.codes import RaftpayError
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on 127.0.0.1 (held open together so they differ)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def local_cluster(tmp_path, nodes: int = 3, **sections) -> LocalCluster:
+    ports = free_ports(2 * nodes)
+    pairs = [(ports[2 * i], ports[2 * i + 1]) for i in range(nodes)]
+    return LocalCluster(nodes, str(tmp_path), 0, ports=pairs, **sections)
+
+
+def wait_until(cond: Callable[[], object], timeout_s: float = 15.0, what: str = "condition",
+               interval_s: float = 0.02):
+    """Poll `cond` until it returns something truthy; fail with `what` after the deadline."""
+    deadline = time.monotonic() + timeout_s
+    last_exc = None
+    while time.monotonic() < deadline:
+        try:
+            value = cond()
+            if value:
+                return value
+        except (RaftpayError, OSError) as e:
+            last_exc = e
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}"
+                         + (f" (last error: {last_exc})" if last_exc else ""))
+
+
+def node_statuses(cluster: LocalCluster) -> dict[str, dict]:
+    out = {}
+    for cfg in cluster.configs:
+        if cfg.node.id not in cluster.procs or cluster.procs[cfg.node.id].poll() is not None:
+            continue
+        try:
+            with Client(cfg.node.client_addr, timeout_s=1, attempt_timeout_s=1) as c:
+                out[cfg.node.id] = c.status(addr=cfg.node.client_addr)
+        except RaftpayError:
+            pass
+    return out
+
+
+def converged_hashes(cluster: LocalCluster, timeout_s: float = 20.0) -> dict[str, str]:
+    """Wait until every running node has applied the same index, then return their hashes."""
+
+    def same():
+        st = node_statuses(cluster)
+        running = [c.node.id for c in cluster.configs
+                   if c.node.id in cluster.procs and cluster.procs[c.node.id].poll() is None]
+        if len(st) != len(running):
+            return None
+        applied = {s["applied_index"] for s in st.values()}
+        hashes = {s["state_hash"] for s in st.values()}
+        if len(applied) == 1 and len(hashes) == 1:
+            return {k: s["state_hash"] for k, s in st.items()}
+        return None
+
+    return wait_until(same, timeout_s, "replicas to converge on one applied index and hash",
+                      interval_s=0.2)

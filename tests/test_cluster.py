@@ -1,0 +1,261 @@
+"""End to end: real node processes on loopback, the real client, the real CLI."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+
+import msgpack
+import pytest
+
+from raftpay import wire
+from raftpay.client import Client
+from raftpay.codes import Code, OutcomeUnknown, RequestRejected, Unavailable
+from cluster_fixtures import converged_hashes, local_cluster, node_statuses, wait_until
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = local_cluster(tmp_path_factory.mktemp("cluster"), 3)
+    c.start()
+    c.wait_for_leader()
+    yield c
+    c.close()
+
+
+def leader_and_follower(cluster):
+    st = wait_until(lambda: (lambda s: s if any(v["role"] == "leader" for v in s.values())
+                             else None)(node_statuses(cluster)), what="a leader")
+    leader = next(k for k, v in st.items() if v["role"] == "leader")
+    follower = next(k for k, v in st.items() if v["role"] != "leader")
+    addr = {c.node.id: c.node.client_addr for c in cluster.configs}
+    return addr[leader], addr[follower]
+
+
+def test_pay_through_a_follower_redirects(cluster):
+    leader, follower = leader_and_follower(cluster)
+    with Client(follower) as c:  # only the follower is known
+        assert c.create_accounts([{"id": "f-a", "currency": 1}, {"id": "f-b", "currency": 1}]) \
+            == [Code.OK, Code.OK]
+        assert c.transfer("f-t1", "f-a", "f-b", 5, 1) == Code.OK
+        assert c._core.leader == leader
+        assert c.transfer("f-t1", "f-a", "f-b", 5, 1) == Code.EXISTS
+        a, b = c.lookup_accounts(["f-a", "f-b"])
+        assert (a["debits_posted"], b["credits_posted"]) == (5, 5)
+
+
+def test_follower_read_sees_own_write(cluster):
+    leader, follower = leader_and_follower(cluster)
+    with Client(leader) as c:
+        c.create_accounts([{"id": "r-a", "currency": 1}, {"id": "r-b", "currency": 1}])
+        reply = c._call("submit", {"events": [{"op": "create_transfer", "id": "r-t",
+                                              "debit_account_id": "r-a",
+                                              "credit_account_id": "r-b", "amount": 7,
+                                              "currency": 1}]})
+        version = reply["version"]
+    with Client(follower) as c:
+        (t,) = c.lookup_transfers(["r-t"], consistency="follower", min_version=version)
+        assert t["amount"] == 7
+
+
+def test_linearizable_read_on_follower_is_redirected(cluster):
+    leader, follower = leader_and_follower(cluster)
+    with Client(follower) as c:
+        assert c.lookup_accounts(["nobody"]) == [None]
+        assert c._core.leader == leader
+
+
+def test_client_rejects_bad_request_clearly(cluster):
+    with Client(cluster.seeds) as c:
+        with pytest.raises(RequestRejected, match="invalid_request"):
+            c._call("lookup_accounts", {"ids": "not-a-list"})
+
+
+def raw_conn(addr: str) -> socket.socket:
+    host, _, port = addr.rpartition(":")
+    s = socket.create_connection((host, int(port)), timeout=5)
+    return s
+
+
+def ping(addr: str) -> bool:
+    with Client(addr, timeout_s=3) as c:
+        return c.status(addr=addr)["id"] is not None
+
+
+@pytest.mark.parametrize("payload,expect_code", [
+    (b"\xc1\xc1\xc1", Code.INVALID_REQUEST),  # not msgpack
+    (msgpack.packb([1, 2, 3]), Code.INVALID_REQUEST),  # not a map
+    (msgpack.packb({"v": 1, "type": "format_disk", "id": 5, "body": {}}), Code.INVALID_REQUEST),
+    (msgpack.packb({"v": 9, "type": "ping", "id": 5, "body": {}}), Code.INVALID_REQUEST),
+    (msgpack.packb({"v": 1, "type": "submit", "id": 5, "body": {"events": "x"}}),
+     Code.INVALID_REQUEST),
+    (msgpack.packb({"v": 1, "type": "submit", "id": 5,
+                    "body": {"events": [{"op": "create_account"}] * 10_001}}),
+     Code.BATCH_TOO_LARGE),
+])
+def test_malformed_frames_get_an_error_and_the_node_lives(cluster, payload, expect_code):
+    addr = cluster.client_addrs[0]
+    with raw_conn(addr) as s:
+        s.sendall(struct.pack(">I", len(payload)) + payload)
+        env = wire.decode(wire.recv_frame(s, timeout_s=5))
+        assert env.body["code"] == expect_code
+        assert env.body.get("message")
+    assert ping(addr)
+
+
+def test_oversized_frame_is_refused_before_reading(cluster):
+    addr = cluster.client_addrs[1]
+    with raw_conn(addr) as s:
+        s.sendall(struct.pack(">I", 2 ** 31))  # announces 2 GB, sends nothing more
+        env = wire.decode(wire.recv_frame(s, timeout_s=5))
+        assert env.body["code"] == Code.INVALID_REQUEST
+        assert s.recv(1) == b""  # and the connection is closed
+    assert ping(addr)
+
+
+def test_half_frame_and_stall_is_dropped(tmp_path):
+    from raftpay.config import ServerConfig
+    c = local_cluster(tmp_path, 1, server=ServerConfig(frame_timeout_ms=300))
+    c.start()
+    try:
+        addr = c.wait_for_leader()
+        with raw_conn(addr) as s:
+            s.sendall(struct.pack(">I", 100) + b"\x81")  # 1 of 100 bytes, then silence
+            s.settimeout(5)
+            env = wire.decode(wire.recv_frame(s, timeout_s=5))
+            assert env.body["code"] == Code.INVALID_REQUEST
+            assert "within" in env.body["message"]
+        assert ping(addr)
+    finally:
+        c.close()
+
+
+def test_bad_events_change_nothing(cluster):
+    with Client(cluster.seeds) as c:
+        c.create_accounts([{"id": "bad-a", "currency": 1}, {"id": "bad-b", "currency": 1}])
+        before = c.lookup_accounts(["bad-a", "bad-b"])
+        results = c.submit([
+            {"op": "create_transfer", "id": "bx1", "debit_account_id": "bad-a",
+             "credit_account_id": "bad-b", "amount": -5, "currency": 1},
+            {"op": "create_transfer", "id": "bx2", "debit_account_id": "bad-a",
+             "credit_account_id": "bad-a", "amount": 5, "currency": 1},
+            {"op": "create_transfer", "id": "bx3", "debit_account_id": "bad-a",
+             "credit_account_id": "bad-b", "amount": 5, "currency": 1, "evil": True},
+        ])
+        assert results == [Code.AMOUNT_MUST_BE_POSITIVE, Code.ACCOUNTS_MUST_BE_DIFFERENT,
+                           Code.UNKNOWN_FIELD]
+        assert c.lookup_accounts(["bad-a", "bad-b"]) == before
+
+
+def test_bad_config_refuses_to_start(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[node]\nid = "n1"\nraft_addr = "0.0.0.0:7001"\nclient_addr = "127.0.0.1:1"\n'
+                   'data_dir = "d"\n[cluster]\npeers = [{id = "n1", raft_addr = "0.0.0.0:7001",'
+                   ' client_addr = "127.0.0.1:1"}]\n[raft]\nfsync = "sometimes"\n')
+    r = subprocess.run([sys.executable, "-m", "raftpay", "node", "start", "--config", str(bad)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2
+    assert "raft.fsync" in r.stderr and "secret" in r.stderr
+
+
+def pay_stream(seeds: str, prefix: str, n: int, results: dict, stop: threading.Event):
+    """Pay n transfers one by one, recording each id's outcome: ok/exists, or unknown."""
+    with Client(seeds, timeout_s=20) as c:
+        for i in range(n):
+            if stop.is_set():
+                break
+            tid = f"{prefix}-{i}"
+            try:
+                results[tid] = c.transfer(tid, "k-src", "k-dst", 1, 1)
+            except OutcomeUnknown:
+                results[tid] = "unknown"
+            except Unavailable:
+                results[tid] = "unavailable"
+
+
+def test_kill_leader_mid_stream_and_restart_whole_cluster(tmp_path):
+    c = local_cluster(tmp_path, 3)
+    c.start()
+    try:
+        c.wait_for_leader()
+        with Client(c.seeds) as cl:
+            cl.create_accounts([{"id": "k-src", "currency": 1}, {"id": "k-dst", "currency": 1}])
+        results: dict = {}
+        stop = threading.Event()
+        payers = [threading.Thread(target=pay_stream,
+                                   args=(c.seeds, f"p{k}", 400, results, stop)) for k in range(4)]
+        for t in payers:
+            t.start()
+        wait_until(lambda: len(results) >= 200, 30, "payments before the kill")
+        leader_addr = c.wait_for_leader()
+        leader_id = next(cfg.node.id for cfg in c.configs if cfg.node.client_addr == leader_addr)
+        c.kill(leader_id)  # kill -9, mid-stream
+        for t in payers:
+            t.join(120)
+        assert not any(t.is_alive() for t in payers)
+        acked = [tid for tid, r in results.items() if r in (Code.OK, Code.EXISTS)]
+        unknown = [tid for tid, r in results.items() if r in ("unknown", "unavailable")]
+        assert len(acked) > 1000, f"too few payments acknowledged: {len(acked)}"
+        # Retry every id: acknowledged ones answer exists; unknown ones resolve to one apply.
+        with Client(c.seeds, timeout_s=30) as cl:
+            for tid in list(results):
+                r = cl.transfer(tid, "k-src", "k-dst", 1, 1)
+                assert r in (Code.OK, Code.EXISTS), (tid, r)
+                if tid in acked:
+                    assert r == Code.EXISTS
+            total = len(results)
+            src, dst = cl.lookup_accounts(["k-src", "k-dst"])
+            assert src["debits_posted"] == total == dst["credits_posted"]
+            history = []
+            cursor = 0
+            while cursor is not None:
+                page, cursor = cl.account_transfers("k-dst", limit=1000, cursor=cursor)
+                history += [t["id"] for t in page]
+            assert sorted(history) == sorted(results)  # every id exactly once
+        # Restart the killed node: every replica ends with the same state.
+        c.start(leader_id)
+        converged_hashes(c)
+        # Restart the whole cluster: every acknowledged transfer is still there.
+        c.stop()
+        c.start()
+        c.wait_for_leader(30)
+        with Client(c.seeds, timeout_s=30) as cl:
+            found = cl.lookup_transfers(sorted(results))
+            assert all(t is not None and t["status"] == "posted" for t in found)
+            src, dst = cl.lookup_accounts(["k-src", "k-dst"])
+            assert dst["credits_posted"] == len(results)
+        converged_hashes(c)
+    finally:
+        c.close()
+
+
+def test_cli_flow(cluster):
+    env = dict(os.environ, RAFTPAY_CLUSTER=cluster.seeds)
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "raftpay", *args], capture_output=True,
+                              text=True, env=env, timeout=60)
+
+    assert run("account", "create", "cli-a", "--currency", "978").returncode == 0
+    assert run("account", "create", "cli-b", "--currency", "978").returncode == 0
+    r = run("transfer", "--id", "cli-t", "--from", "cli-a", "--to", "cli-b", "--amount", "42",
+            "--currency", "978")
+    assert (r.returncode, r.stdout.strip()) == (0, "ok")
+    r = run("transfer", "--id", "cli-t", "--from", "cli-a", "--to", "cli-b", "--amount", "42",
+            "--currency", "978")
+    assert (r.returncode, r.stdout.strip()) == (0, "exists")
+    r = run("transfer", "--id", "cli-t2", "--from", "cli-a", "--to", "nobody", "--amount", "1",
+            "--currency", "978")
+    assert (r.returncode, r.stdout.strip()) == (1, "credit_account_not_found")
+    r = run("account", "show", "cli-b")
+    assert r.returncode == 0 and "credits posted 42" in r.stdout
+    r = run("history", "cli-a")
+    assert r.returncode == 0 and "cli-t" in r.stdout
+    r = run("status")
+    assert r.returncode == 0 and r.stdout.count("leader") == 1
+    r = run("status", "--cluster", "127.0.0.1:1")
+    assert r.returncode == 3
