@@ -1,0 +1,454 @@
+"""Pins for the adapter over PySyncObj 0.3.17 internals in `raftpay/node.py`.
+
+Every internal name and behaviour the adapter relies on is checked here, so a PySyncObj upgrade
+fails in this file, loudly and by name, instead of as a subtle replication bug.  The second half
+reproduces the upstream truncation bug (ENGINE_NOTES: followers truncate entries they already
+hold; the leader moves nextIndex backwards on a stale success) with bare PySyncObj, and shows the
+adapter does not do it.  Nodes run in this process with autoTick=False, over real TCP on
+127.0.0.1, ticked by hand; every wait is a deadline on a condition.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+
+import pytest
+
+import pysyncobj
+from pysyncobj import SyncObj, SyncObjConf, replicated
+from pysyncobj.config import FAIL_REASON
+from pysyncobj.journal import FileJournal, MetaStorer
+from pysyncobj.serializer import Serializer
+from pysyncobj.syncobj import _COMMAND_TYPE, _RAFT_STATE
+from pysyncobj.transport import TCPTransport
+
+from raftpay import node as rn
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def free_addr() -> str:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return f"127.0.0.1:{port}"
+
+
+def tick_until(objs, cond, timeout_s=10.0, what="condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for o in objs:
+            (o.rp_tick if isinstance(o, rn._RaftpaySyncObj) else o.doTick)(0.002)
+        if cond():
+            return
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class _Bare(SyncObj):
+    """Plain upstream PySyncObj with one replicated method, as ENGINE_NOTES measured it."""
+
+    def __init__(self, addr, others, conf):
+        super().__init__(addr, others, conf=conf)
+        self.values = []
+
+    @replicated
+    def add(self, x):
+        self.values.append(x)
+
+
+class _Owner:
+    """What `_RaftpaySyncObj` needs from `Node`: the apply hook and the fatal flag."""
+
+    def __init__(self):
+        self._fatal = None
+        self.applied = []
+
+    def _apply_entry(self, index, body):
+        self.applied.append((index, body))
+        return [index]
+
+    def _write_snapshot(self, path, data):  # not exercised here (compaction is far away)
+        raise AssertionError("unexpected compaction")
+
+    def _read_snapshot(self, path):
+        raise AssertionError("unexpected snapshot")
+
+
+def _bare_conf(tmp, name, **kw):
+    return SyncObjConf(autoTick=False, appendEntriesPeriod=0.05, raftMinTimeout=0.2,
+                       raftMaxTimeout=0.4, journalFile=os.path.join(tmp, name + ".journal"),
+                       fullDumpFile=os.path.join(tmp, name + ".dump"),
+                       bindAddress=None, connectionRetryTime=0.1, **kw)
+
+
+def _bare_pair(tmp, **kw):
+    a_addr, b_addr = free_addr(), free_addr()
+    return (_Bare(a_addr, [b_addr], _bare_conf(tmp, "a", **kw)),
+            _Bare(b_addr, [a_addr], _bare_conf(tmp, "b", **kw)))
+
+
+@pytest.fixture
+def bare_pair(tmp_path):
+    pair = _bare_pair(str(tmp_path))
+    yield pair
+    for o in pair:
+        o.destroy()
+
+
+def _rp_pair(tmp_path, batch_bytes=2 ** 21):
+    objs = []
+    addrs = [free_addr(), free_addr()]
+    for i, addr in enumerate(addrs):
+        d = tmp_path / f"n{i}"
+        d.mkdir()
+        owner = _Owner()
+        conf = rn._make_conf(raft_addr=addr, data_dir=str(d), secret=None,
+                             election_timeout_s=0.2, batch_bytes=batch_bytes,
+                             log_compaction_min_entries=100_000,
+                             serializer=owner._write_snapshot, deserializer=owner._read_snapshot)
+        so = rn._RaftpaySyncObj(owner, addr, [a for a in addrs if a != addr], conf,
+                                str(d / rn.JOURNAL_FILE), fsync=True)
+        objs.append(so)
+    return objs
+
+
+@pytest.fixture
+def rp_pair(tmp_path):
+    objs = _rp_pair(tmp_path)
+    yield objs
+    for so in objs:
+        so.rp_destroy()
+
+
+def _leader_follower(pair):
+    tick_until(pair, lambda: any(o._isLeader() for o in pair)
+               and all(o._getLeader() is not None for o in pair), what="a leader")
+    leader = next(o for o in pair if o._isLeader())
+    return leader, next(o for o in pair if o is not leader)
+
+
+def _log(o):
+    return [o._SyncObj__raftLog[i] for i in range(len(o._SyncObj__raftLog))]
+
+
+def _the_other(o):
+    return next(iter(o.otherNodes))
+
+
+# --- version and names ------------------------------------------------------------------------
+
+
+def test_pinned_version():
+    assert pysyncobj.version.VERSION == rn.PYSYNCOBJ_VERSION == "0.3.17"
+
+
+# Methods of SyncObj that the adapter overrides or calls by their mangled names.
+SYNCOBJ_METHODS = [
+    "_SyncObj__onMessageReceived", "_SyncObj__sendAppendEntries", "_SyncObj__onBecomeLeader",
+    "_SyncObj__doApplyCommand", "_SyncObj__sendNextNodeIdx", "_SyncObj__getEntries",
+    "_SyncObj__deleteEntriesFrom", "_onTick", "_doDestroy", "addOnTickCallback", "isReady",
+    "isNodeConnected", "_getRaftLogSize", "_isLeader", "_getLeader",
+]
+# Instance attributes the adapter reads or writes.
+SYNCOBJ_ATTRS = [
+    "_SyncObj__raftLog", "_SyncObj__raftState", "_SyncObj__raftCurrentTerm",
+    "_SyncObj__raftLeader", "_SyncObj__raftCommitIndex", "_SyncObj__raftLastApplied",
+    "_SyncObj__raftMatchIndex", "_SyncObj__raftNextIndex", "_SyncObj__lastResponseTime",
+    "_SyncObj__commandsWaitingCommit", "_SyncObj__leaderCommitIndex",
+    "_SyncObj__recvTransmission", "_SyncObj__otherNodes", "_SyncObj__transport",
+    "_SyncObj__serializer", "_poller",
+]
+
+
+def test_internal_names_exist(tmp_path):
+    for name in SYNCOBJ_METHODS:
+        assert callable(getattr(SyncObj, name, None)), f"SyncObj.{name} is gone"
+    for name in ("raftLastApplied", "raftCommitIndex", "raftCurrentTerm", "otherNodes"):
+        assert isinstance(getattr(SyncObj, name, None), property), f"SyncObj.{name}"
+    addr = free_addr()
+    so = SyncObj(addr, [free_addr()], conf=_bare_conf(str(tmp_path), "x"))
+    try:
+        for name in SYNCOBJ_ATTRS:
+            assert hasattr(so, name), f"SyncObj instance has no {name}"
+        assert isinstance(so._SyncObj__raftLog, FileJournal)
+        assert isinstance(so._SyncObj__commandsWaitingCommit, dict)
+        assert so._SyncObj__recvTransmission == ""
+        assert isinstance(so._SyncObj__serializer._Serializer__transmissions, dict)
+        assert isinstance(so._SyncObj__transport, TCPTransport)
+        assert so._SyncObj__transport._syncObj is so
+        assert isinstance(so._SyncObj__raftLog._FileJournal__metaStorer, MetaStorer)
+    finally:
+        so.destroy()
+    assert callable(FileJournal.flush) and callable(MetaStorer.getPath)
+    assert callable(Serializer.deserialize)
+
+
+def test_enums_we_map():
+    assert (_RAFT_STATE.FOLLOWER, _RAFT_STATE.CANDIDATE, _RAFT_STATE.LEADER) == (0, 1, 2)
+    assert {FAIL_REASON.SUCCESS, FAIL_REASON.QUEUE_FULL, FAIL_REASON.MISSING_LEADER,
+            FAIL_REASON.DISCARDED, FAIL_REASON.NOT_LEADER, FAIL_REASON.LEADER_CHANGED,
+            FAIL_REASON.REQUEST_DENIED, FAIL_REASON.UNKNOWN_OUTCOME} == set(rn._FAIL_TO_CODE)
+    upstream_types = {_COMMAND_TYPE.REGULAR, _COMMAND_TYPE.NO_OP, _COMMAND_TYPE.MEMBERSHIP,
+                      _COMMAND_TYPE.VERSION}
+    assert rn.ENTRY_LEDGER[0] not in upstream_types  # our entries never reach upstream's apply
+
+
+def test_conf_options_we_set_exist():
+    conf = SyncObjConf()
+    for option in ("autoTick", "appendEntriesUseBatch", "appendEntriesPeriod",
+                   "appendEntriesBatchSizeBytes", "raftMinTimeout", "raftMaxTimeout",
+                   "leaderFallbackTimeout", "connectionTimeout", "connectionRetryTime",
+                   "journalFile", "fullDumpFile", "serializer", "deserializer", "useFork",
+                   "logCompactionMinEntries", "dynamicMembershipChange", "commandsWaitLeader",
+                   "password", "bindAddress", "bindRetryTime", "maxBindRetries"):
+        assert hasattr(conf, option), option
+    rn._make_conf(raft_addr="127.0.0.1:1", data_dir="/tmp", secret=None, election_timeout_s=0.2,
+                  log_compaction_min_entries=10, serializer=print, deserializer=print).validate()
+
+
+# --- message shapes and behaviours ------------------------------------------------------------
+
+
+def test_message_shapes_and_apply_index(rp_pair):
+    """Pins the message fields the adapter reads and the apply-index rule of `_apply_entry`:
+    upstream increments lastApplied only after `__doApplyCommand` returns."""
+    seen = []
+    for so in rp_pair:
+        t = so._SyncObj__transport
+        orig = t.send
+
+        def spy(node, message, orig=orig):
+            sent = orig(node, message)
+            seen.append(dict(message))  # after the send: as stamped by `_RaftpayTransport`
+            return sent
+
+        t.send = spy
+    leader, follower = _leader_follower(rp_pair)
+    results = []
+    idx = leader.rp_append(rn.ENTRY_LEDGER + b"x", lambda res, err: results.append((res, err)))
+    leader.rp_send_round()
+    tick_until(rp_pair, lambda: results and follower.raftLastApplied >= idx
+               or leader.rp_send_round() and False, what="apply on both")
+    assert results == [([idx], FAIL_REASON.SUCCESS)]
+    assert (idx, b"x") in leader._rp_owner.applied and (idx, b"x") in follower._rp_owner.applied
+    ae = [m for m in seen if m["type"] == "append_entries" and m.get("entries")]
+    assert ae and {"term", "commit_index", "entries", "prevLogIdx", "prevLogTerm",
+                   "rp_seq"} <= set(ae[0])
+    cmd, i, term = ae[-1]["entries"][-1]
+    assert (cmd, i) == (rn.ENTRY_LEDGER + b"x", idx) and term == leader.raftCurrentTerm
+    acks = [m for m in seen if m["type"] == "next_node_idx"]
+    assert acks and {"next_node_idx", "reset", "success", "rp_seq", "rp_term"} <= set(acks[-1])
+
+
+# --- the truncation bug: upstream has it, the adapter does not --------------------------------
+
+
+def _stale_append(leader, follower_log, back):
+    """An appendEntries the leader really sent earlier: two entries from `back` before the end,
+    arriving again (a duplicate on the wire, or a resend after a stale nextIndex)."""
+    last = follower_log[-1][1]
+    first = follower_log[0][1]
+    prev = follower_log[last - back - first]
+    entries = follower_log[last - back - first + 1:last - back - first + 3]
+    return {"type": "append_entries", "term": leader.raftCurrentTerm,
+            "commit_index": leader.raftCommitIndex, "prevLogIdx": prev[1],
+            "prevLogTerm": prev[2], "entries": entries}
+
+
+def test_upstream_follower_truncates_entries_it_acknowledged(bare_pair, caplog):
+    leader, follower = _leader_follower(bare_pair)
+    for i in range(8):
+        leader.add(i)
+    tick_until(bare_pair, lambda: len(follower.values) == 8, what="8 entries applied")
+    before = _log(follower)
+    with caplog.at_level(logging.CRITICAL, logger="pysyncobj.syncobj"):
+        follower._SyncObj__onMessageReceived(_the_other(follower),
+                                             _stale_append(leader, before, back=5))
+    after = _log(follower)
+    # The follower dropped entries it held, had acknowledged and had even applied.
+    assert len(after) < len(before)
+    assert after[-1][1] < before[-1][1] <= follower.raftLastApplied
+    assert "truncating already-applied log entries" in caplog.text
+
+
+def test_adapter_follower_keeps_entries_it_holds(rp_pair, caplog):
+    leader, follower = _leader_follower(rp_pair)
+    for i in range(8):
+        leader.rp_append(rn.ENTRY_LEDGER + bytes([i]), lambda *a: None)
+    leader.rp_send_round()
+    tick_until(rp_pair, lambda: follower.raftLastApplied >= leader.rp_last_index()
+               or (leader.rp_send_round() and False), what="8 entries applied")
+    before = _log(follower)
+    with caplog.at_level(logging.WARNING):
+        follower._SyncObj__onMessageReceived(_the_other(follower),
+                                             _stale_append(leader, before, back=5))
+        # An empty (heartbeat) append with an old prevLogIdx must not truncate either.
+        hb = _stale_append(leader, before, back=5)
+        hb["entries"] = []
+        follower._SyncObj__onMessageReceived(_the_other(follower), hb)
+    assert _log(follower) == before
+    assert "truncating" not in caplog.text
+
+
+def test_upstream_leader_moves_next_index_back_on_stale_success(bare_pair):
+    leader, follower = _leader_follower(bare_pair)
+    leader.add(1)
+    tick_until(bare_pair, lambda: len(follower.values) == 1, what="1 entry applied")
+    node = _the_other(leader)
+    match = leader._SyncObj__raftMatchIndex[node]
+    # Pipelining: five more entries are in flight, nextIndex is already past them.
+    leader._SyncObj__raftNextIndex[node] = match + 6
+    leader._SyncObj__onMessageReceived(node, {"type": "next_node_idx", "next_node_idx": match + 3,
+                                              "reset": False, "success": True})
+    assert leader._SyncObj__raftNextIndex[node] == match + 3  # backwards: resends held entries
+    leader._SyncObj__onMessageReceived(node, {"type": "next_node_idx", "next_node_idx": 2,
+                                              "reset": True, "success": False})
+    assert leader._SyncObj__raftNextIndex[node] == 2 < leader._SyncObj__raftMatchIndex[node]
+
+
+def test_adapter_leader_never_moves_next_index_back(rp_pair):
+    leader, follower = _leader_follower(rp_pair)
+    for i in range(8):
+        leader.rp_append(rn.ENTRY_LEDGER + bytes([i]), lambda *a: None)
+    leader.rp_send_round()
+    node = _the_other(leader)
+    tick_until(rp_pair, lambda: leader._SyncObj__raftMatchIndex[node] == leader.rp_last_index(),
+               what="follower caught up")
+    match = leader._SyncObj__raftMatchIndex[node]
+    leader._SyncObj__raftNextIndex[node] = match + 1
+    leader._SyncObj__onMessageReceived(node, {"type": "next_node_idx", "next_node_idx": match - 3,
+                                              "reset": False, "success": True})
+    assert leader._SyncObj__raftNextIndex[node] == match + 1
+    assert leader._SyncObj__raftMatchIndex[node] == match
+    leader._SyncObj__onMessageReceived(node, {"type": "next_node_idx", "next_node_idx": 2,
+                                              "reset": True, "success": False})
+    assert leader._SyncObj__raftNextIndex[node] == match + 1  # never below matchIndex + 1
+
+
+def test_adapter_follower_replaces_only_a_conflicting_suffix(rp_pair):
+    """Raft §5.3: an entry with the same index and a different term is deleted with all that
+    follow; and commit advances only over entries this message verified."""
+    leader, follower = _leader_follower(rp_pair)
+    for i in range(3):
+        leader.rp_append(rn.ENTRY_LEDGER + bytes([i]), lambda *a: None)
+    leader.rp_send_round()
+    tick_until(rp_pair, lambda: follower.rp_last_index() == leader.rp_last_index(),
+               what="follower has the entries")
+    base = _log(follower)
+    last, term = base[-1][1], base[-1][2]
+    # Stale uncommitted entries of an older term sit past the end on the follower.  (Written
+    # directly: the situation after a leader of `term` crashed with them unreplicated.)
+    flog = follower._SyncObj__raftLog
+    for k in range(1, 4):
+        flog.add(rn.ENTRY_LEDGER + b"stale", last + k, term)
+    node = _the_other(follower)
+    commit_before = follower.raftCommitIndex
+    # A newer leader (term + 1) sends one entry after `last`, with a high commit index.
+    msg = {"type": "append_entries", "term": term + 1, "commit_index": last + 3,
+           "prevLogIdx": last, "prevLogTerm": term,
+           "entries": [(rn.ENTRY_LEDGER + b"new", last + 1, term + 1)]}
+    follower._SyncObj__onMessageReceived(node, msg)
+    after = _log(follower)
+    assert after[:len(base)] == base
+    assert after[len(base):] == [(rn.ENTRY_LEDGER + b"new", last + 1, term + 1)]
+    # Commit is min(leaderCommit, last verified) = last + 1, not the leader's last + 3.
+    assert follower.raftCommitIndex == max(commit_before, last + 1)
+
+
+def test_adapter_refuses_to_overwrite_a_committed_entry(rp_pair):
+    leader, follower = _leader_follower(rp_pair)
+    leader.rp_append(rn.ENTRY_LEDGER + b"a", lambda *a: None)
+    leader.rp_send_round()
+    tick_until(rp_pair, lambda: follower.raftCommitIndex >= leader.rp_last_index()
+               or (leader.rp_send_round() and False), what="committed on follower")
+    entries = _log(follower)
+    prev, committed = entries[-2], entries[-1]
+    msg = {"type": "append_entries", "term": follower.raftCurrentTerm + 1, "commit_index": 0,
+           "prevLogIdx": prev[1], "prevLogTerm": prev[2],
+           "entries": [(b"R-other", committed[1], committed[2] + 1)]}
+    with pytest.raises(rn.FatalNodeError):
+        follower._SyncObj__onMessageReceived(_the_other(follower), msg)
+    assert _log(follower) == entries
+
+
+def test_forwarded_commands_are_dropped(rp_pair):
+    """Upstream followers forward `apply_command` (a pickled call) to the leader; the adapter's
+    leader never accepts one, so nothing pickled can enter the log that way."""
+    leader, _ = _leader_follower(rp_pair)
+    before = leader.rp_last_index()
+    leader._SyncObj__onMessageReceived(_the_other(leader), {
+        "type": "apply_command", "command": b"\x00" + pysyncobj.pickle.dumps(0)})
+    tick_until(rp_pair, lambda: True)
+    assert leader.rp_last_index() == before
+
+
+def test_read_rounds_are_echoed_and_counted(rp_pair):
+    leader, follower = _leader_follower(rp_pair)
+    tick_until(rp_pair, leader.rp_committed_in_term, what="no-op committed")
+    rnd = leader.rp_send_round()
+    tick_until(rp_pair, lambda: leader.rp_quorum_round() >= rnd, what="round acknowledged")
+    # An ack of another term does not count.
+    node = _the_other(leader)
+    leader._rp_on_next_node_idx(node, {"next_node_idx": 1, "reset": False, "success": False,
+                                       "rp_seq": rnd + 50, "rp_term": leader.raftCurrentTerm - 1})
+    assert leader.rp_quorum_round() < rnd + 50
+
+
+# --- entries larger than appendEntriesBatchSizeBytes travel in chunks -------------------------
+
+BATCH = 4096
+
+
+def _straddles(command: bytes, idx: int, term: int) -> bool:
+    """Upstream marks the chunk at `pos` "finish" once pos + BATCH >= len(command), but the
+    chunks cut the *pickled* entry, which is longer: broken if a chunk boundary lies between."""
+    pickled = len(pysyncobj.pickle.dumps((command, idx, term)))
+    return any(len(command) <= k < pickled for k in range(BATCH, pickled, BATCH))
+
+
+def test_upstream_follower_cannot_take_a_straddling_chunked_entry(tmp_path):
+    a, b = _bare_pair(str(tmp_path), appendEntriesBatchSizeBytes=BATCH)
+    try:
+        leader, follower = _leader_follower([a, b])
+        value = next(
+            "x" * n for n in range(2 * BATCH, 3 * BATCH)
+            if _straddles(b"\x00" + pysyncobj.pickle.dumps((0, ("x" * n,))),
+                          leader._SyncObj__raftLog[-1][1] + 1, leader.raftCurrentTerm))
+        leader.add(value)
+        with pytest.raises((EOFError, pysyncobj.pickle.pickle.UnpicklingError)):
+            tick_until([a, b], lambda: follower.values, timeout_s=5, what="replicated")
+        assert follower.values == []
+    finally:
+        a.destroy()
+        b.destroy()
+
+
+def test_adapter_replicates_chunked_entries(tmp_path):
+    pair = _rp_pair(tmp_path, batch_bytes=BATCH)
+    try:
+        leader, follower = _leader_follower(pair)
+        tick_until(pair, leader.rp_committed_in_term, what="no-op committed")
+        idx, term = leader.rp_last_index() + 1, leader.raftCurrentTerm
+        straddling = next(c for c in (rn.ENTRY_LEDGER + b"x" * n
+                                      for n in range(2 * BATCH, 3 * BATCH))
+                          if _straddles(c, idx, term))
+        # Bytes >= 0x80 pickle (protocol 2, via latin-1 text) to two bytes each: the pickled
+        # entry is ~2x the command, so upstream sends several "finish" chunks in a row.
+        high = rn.ENTRY_LEDGER + bytes(range(128, 256)) * 40
+        done = []
+        for command in (straddling, high, rn.ENTRY_LEDGER + b"small"):
+            leader.rp_append(command, lambda res, err: done.append(err))
+            leader.rp_send_round()
+        tick_until(pair, lambda: follower.raftLastApplied >= leader.rp_last_index()
+                   or (leader.rp_send_round() and False), what="chunked entries applied")
+        assert done == [FAIL_REASON.SUCCESS] * 3
+        got = [body for _, body in follower._rp_owner.applied]
+        assert got[-3:] == [straddling[1:], high[1:], b"small"]
+        assert _log(follower)[-3:] == _log(leader)[-3:]
+    finally:
+        for so in pair:
+            so.rp_destroy()
