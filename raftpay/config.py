@@ -184,8 +184,8 @@ ALLOWED: dict[str, str] = {
     "cluster.peers": f"a list of 1..{MAX_CLUSTER_SIZE} tables {_PEER_TABLE}, every member "
                      "including this node",
     "raft.fsync": " or ".join(repr(m) for m in FSYNC),
-    "raft.election_timeout_ms": "a positive integer (milliseconds), more than twice heartbeat_ms",
-    "raft.heartbeat_ms": "a positive integer (milliseconds), less than half of election_timeout_ms",
+    "raft.election_timeout_ms": "a positive integer (milliseconds), more than three times heartbeat_ms",
+    "raft.heartbeat_ms": "a positive integer (milliseconds), less than a third of election_timeout_ms",
     "raft.max_entry_bytes": "a positive integer (bytes)",
     "raft.append_entries_batch_bytes": "a positive integer (bytes)",
     "server.max_frame_bytes": "an integer in 1..4294967295 (bytes)",
@@ -494,10 +494,10 @@ def _problems(cfg: NodeConfig) -> list[tuple[str, str]]:
     positive("raft.election_timeout_ms", r.election_timeout_ms)
     positive("raft.heartbeat_ms", r.heartbeat_ms)
     heartbeat_ms, election_ms = r.heartbeat_ms, r.election_timeout_ms
-    if heartbeat_ms > 0 and election_ms > 0 and 2 * heartbeat_ms >= election_ms:
-        # A follower must see a couple of heartbeats within one election timeout, or a healthy
-        # leader gets deposed by the first slow packet.
-        bad("raft.heartbeat_ms", f"{r.heartbeat_ms} is not less than half of election_timeout_ms "
+    if heartbeat_ms > 0 and election_ms > 0 and 3 * heartbeat_ms >= election_ms:
+        # A follower must see a few heartbeats within one election timeout, or a healthy leader
+        # gets deposed by the first slow packet (PySyncObj itself asserts this ratio).
+        bad("raft.heartbeat_ms", f"{r.heartbeat_ms} is not less than a third of election_timeout_ms "
                                  f"({r.election_timeout_ms})")
     positive("raft.max_entry_bytes", r.max_entry_bytes)
     positive("raft.append_entries_batch_bytes", r.append_entries_batch_bytes)
