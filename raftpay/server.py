@@ -416,6 +416,19 @@ class _ReadBarrier:
 
 # --- The node process ---------------------------------------------------------------------------
 
+#: Fault injection for tests: a node started with this variable reads a wall clock shifted by
+#: that many milliseconds (the nemesis skews clocks this way; the system clock is left alone).
+CLOCK_SKEW_ENV = "RAFTPAY_CLOCK_SKEW_MS"
+
+
+def _wall_clock() -> Callable[[], int]:
+    import os
+    skew_ms = int(os.environ.get(CLOCK_SKEW_ENV, "0") or 0)
+    if skew_ms:
+        log.warning("wall clock skewed by %+d ms (%s)", skew_ms, CLOCK_SKEW_ENV)
+    return lambda: time.time_ns() // 1_000_000 + skew_ms
+
+
 def _observe(hlc, ts: int) -> None:
     """Receive rule on apply.  A stamp too far ahead of our wall clock is not adopted (the HLC
     guard refuses it); the ledger still orders it, and the warning says whose clock is off."""
@@ -439,12 +452,14 @@ async def serve(cfg, *, stop: asyncio.Event | None = None, on_ready=None) -> Non
     from .config import parse_addr
     from .node import Node
 
-    hlc = HLC(max_offset_ms=cfg.clock.max_offset_ms)
+    hlc = HLC(wall_ms=_wall_clock(), max_offset_ms=cfg.clock.max_offset_ms)
     # Every replica moves its clock forward by what it applies, so a new leader never stamps
     # below the log (the ledger normalises too; this keeps the stamps close to real time).
     node = Node(cfg.node.id, cfg.node.raft_addr, {p.id: p.raft_addr for p in cfg.other_peers},
                 cfg.node.data_dir, secret=cfg.cluster.secret or None, fsync=cfg.raft.fsync,
                 election_timeout_ms=cfg.raft.election_timeout_ms,
+                heartbeat_ms=cfg.raft.heartbeat_ms,
+                append_entries_batch_bytes=cfg.raft.append_entries_batch_bytes,
                 session_ttl_ms=cfg.ledger.session_ttl_ms,
                 on_apply=lambda index, ts, replies: _observe(hlc, ts))
     by_id = {p.id: p.client_addr for p in cfg.cluster.peers}
