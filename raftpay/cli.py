@@ -141,14 +141,20 @@ class LocalCluster:
     def seeds(self) -> str:
         return ",".join(self.client_addrs)
 
-    def start(self, node_id: str | None = None) -> None:
+    def start(self, node_id: str | None = None, env: dict[str, dict[str, str]] | None = None,
+              prefix: dict[str, list[str]] | None = None) -> None:
+        """Start every node (or one).  `env` adds environment variables per node id (the test
+        hooks, e.g. RAFTPAY_CLOCK_SKEW_MS); `prefix` wraps a node's command (e.g.
+        `ip netns exec NS`)."""
         for cfg, path in zip(self.configs, self.paths):
             if node_id and cfg.node.id != node_id:
                 continue
             log = open(os.path.join(self.data_dir, f"{cfg.node.id}.log"), "ab")
             self.procs[cfg.node.id] = subprocess.Popen(
-                [sys.executable, "-m", "raftpay", "-v", "node", "start", "--config", path],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                [*(prefix or {}).get(cfg.node.id, []), sys.executable, "-m", "raftpay", "-v",
+                 "node", "start", "--config", path],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, **(env or {}).get(cfg.node.id, {})})
             log.close()
 
     def kill(self, node_id: str, sig: int = signal.SIGKILL) -> None:

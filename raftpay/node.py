@@ -681,6 +681,9 @@ class Node:
         self._wait_deadlines = _Heap()  # (deadline, seq, _Waiter)
         self._seq = itertools.count()
         self._next_ping = 0.0
+        # Until this monotonic time, a leader keeps trying to hand leadership over (step_down).
+        self._step_down_until = 0.0
+        self._next_step_down_try = 0.0
         # (last log index, log size) as of the last tick: the journal itself is rewritten in
         # place during compaction, so other threads must not read it directly.
         self._published_log = (0, 0)
@@ -848,6 +851,17 @@ class Node:
         addr = so.rp_leader_addr()
         return None if addr is None else self._addr_to_id.get(addr)
 
+    def step_down(self) -> None:
+        """Hand leadership to the most caught-up follower, for up to one election timeout.
+
+        Any thread; returns at once; a no-op on a follower.  The server calls it when this
+        node's clock is too far from the cluster's to stamp entries (clock.ClockGuard): a leader
+        that must not stamp must not lead.  Uses upstream's public `transferLeadership`
+        (Raft's TimeoutNow), retried each heartbeat until a follower is caught up and takes over.
+        """
+        self._step_down_until = time.monotonic() + self._election_timeout_s
+        self._wake()
+
     def is_leader(self) -> bool:
         """True if this node believes it leads.  A hint (a deposed leader may not know yet);
         `propose` and `read_index` decide on the Raft thread."""
@@ -985,6 +999,9 @@ class Node:
         if now >= self._next_ping:
             self._next_ping = now + self._heartbeat_s
             so.rp_ping_peers()
+        if is_leader and now < self._step_down_until and now >= self._next_step_down_try:
+            self._next_step_down_try = now + self._heartbeat_s
+            so.transferLeadership()
         if not self._ready.is_set() and so.isReady() and so.rp_leader_addr() is not None:
             self._ready.set()
         self._published_log = (so.rp_last_index(), so._getRaftLogSize())

@@ -86,8 +86,10 @@ class Server:
     def __init__(self, node, *, stamp: Callable[[], int],
                  client_addr_of: Callable[[str], str | None],
                  settings: ServerSettings | None = None,
-                 extra_status: Callable[[], dict] | None = None):
+                 extra_status: Callable[[], dict] | None = None,
+                 wall_ms: Callable[[], int] | None = None):
         self.node = node
+        self.wall_ms = wall_ms or (lambda: time.time_ns() // 1_000_000)
         self.stamp = stamp
         self.client_addr_of = client_addr_of
         self.settings = settings or ServerSettings()
@@ -190,8 +192,10 @@ class Server:
         kind, body, rid = env.type, env.body, env.id
         try:
             if kind == "ping":
-                st = self.node.status()
-                self._reply(writer, rid, Code.OK, node=st.get("id"), role=st.get("role"))
+                # Peers sample our clock with it (SNTP-style): the reply carries our wall ms.
+                self._reply(writer, rid, Code.OK, node=self.node.node_id,
+                            role="leader" if self.node.is_leader() else "follower",
+                            wall_ms=self.wall_ms())
             elif kind == "status":
                 st = dict(self.node.status())
                 st.update(self.extra_status())
@@ -429,6 +433,61 @@ def _wall_clock() -> Callable[[], int]:
     return lambda: time.time_ns() // 1_000_000 + skew_ms
 
 
+class ClockWatch:
+    """Samples the peers' clocks over their client ports and keeps `guard` (a
+    `clock.ClockGuard`) current: a `ping` whose reply carries the peer's wall ms, timed with our
+    own wall clock before and after (TigerBeetle's ping/pong; offset and error bound as SNTP
+    computes them).  Runs as a task in the server's loop; never on the commit path."""
+
+    def __init__(self, peers: dict[str, str], guard, wall_ms: Callable[[], int],
+                 interval_s: float = 1.0):
+        self.peers, self.guard, self.wall_ms, self.interval_s = peers, guard, wall_ms, interval_s
+
+    async def run(self) -> None:
+        from .client import AsyncClient
+        from .codes import RaftpayError
+        if not self.peers:
+            return
+        client = AsyncClient(list(self.peers.values()), timeout_s=1.0, attempt_timeout_s=1.0,
+                             use_session=False)
+        try:
+            while True:
+                for peer, addr in self.peers.items():
+                    t1 = self.wall_ms()
+                    try:
+                        rb = await client._call("ping", {}, addr=addr)
+                    except RaftpayError:
+                        continue
+                    t4 = self.wall_ms()
+                    if type(rb.get("wall_ms")) is int:
+                        self.guard.add_sample(peer, t1, rb["wall_ms"], t4)
+                await asyncio.sleep(self.interval_s)
+        finally:
+            await client.close()
+
+
+class ClockRefused(Exception):
+    """The leader's clock is too far from the cluster's to stamp an entry."""
+
+
+def guarded_stamp(hlc, guard, node) -> Callable[[], int]:
+    """The leader's stamp function: HLC now, unless the clock guard says this node's wall clock
+    is further than the allowed offset from the cluster's.  Then it refuses (the batcher answers
+    no_leader, nothing is proposed), logs loudly, and asks the node to step down."""
+
+    def stamp() -> int:
+        if not guard.ok():
+            est = guard.cluster_offset()
+            log.error("CLOCK GUARD: this node's clock is %.0f ms from the cluster's (allowed %d "
+                      "ms); refusing to stamp entries and stepping down", est.offset_ms,
+                      guard.max_offset_ms)
+            node.step_down()
+            raise ClockRefused(f"clock off by {est.offset_ms:.0f} ms")
+        return hlc.now()
+
+    return stamp
+
+
 def _observe(hlc, ts: int) -> None:
     """Receive rule on apply.  A stamp too far ahead of our wall clock is not adopted (the HLC
     guard refuses it); the ledger still orders it, and the warning says whose clock is off."""
@@ -448,11 +507,12 @@ async def serve(cfg, *, stop: asyncio.Event | None = None, on_ready=None) -> Non
     """
     import signal
 
-    from .clock import HLC
+    from .clock import HLC, ClockGuard, NtpMonitor
     from .config import parse_addr
     from .node import Node
 
-    hlc = HLC(wall_ms=_wall_clock(), max_offset_ms=cfg.clock.max_offset_ms)
+    wall_ms = _wall_clock()
+    hlc = HLC(wall_ms=wall_ms, max_offset_ms=cfg.clock.max_offset_ms)
     # Every replica moves its clock forward by what it applies, so a new leader never stamps
     # below the log (the ledger normalises too; this keeps the stamps close to real time).
     node = Node(cfg.node.id, cfg.node.raft_addr, {p.id: p.raft_addr for p in cfg.other_peers},
@@ -463,10 +523,41 @@ async def serve(cfg, *, stop: asyncio.Event | None = None, on_ready=None) -> Non
                 session_ttl_ms=cfg.ledger.session_ttl_ms,
                 on_apply=lambda index, ts, replies: _observe(hlc, ts))
     by_id = {p.id: p.client_addr for p in cfg.cluster.peers}
-    server = Server(node, stamp=hlc.now, client_addr_of=by_id.get,
-                    settings=ServerSettings.from_config(cfg),
-                    extra_status=lambda: {"client_addr": cfg.node.client_addr,
-                                          "hlc": hlc.peek()})
+    mirror = None
+    if cfg.zk.hosts:
+        # Discovery only: the mirror polls node.status() (which never blocks) from its own
+        # thread and writes znodes there, so a slow or absent ZooKeeper never touches a commit.
+        from .zk import ZkMirror
+
+        def mirror_view() -> dict:
+            st = node.status()
+            return {"client_addr": cfg.node.client_addr, "role": st.get("role", "follower"),
+                    "term": st.get("term", 0)}
+
+        mirror = ZkMirror(cfg.zk.hosts, cfg.cluster.name, cfg.node.id, mirror_view,
+                          root=cfg.zk.root, digest=cfg.zk.digest or None,
+                          session_timeout_s=cfg.zk.session_timeout_ms / 1000)
+    guard = ClockGuard(cfg.clock.max_offset_ms)
+    watch = ClockWatch({p.id: p.client_addr for p in cfg.other_peers}, guard, wall_ms)
+    ntp = NtpMonitor(list(cfg.clock.ntp_servers), interval_s=16.0) if cfg.clock.ntp_servers \
+        else None
+
+    def extra_status() -> dict:
+        est = guard.cluster_offset()
+        clock = {"wall_ms": wall_ms(), "max_offset_ms": cfg.clock.max_offset_ms,
+                 "cluster_offset_ms": est.offset_ms if est else None, "guard_ok": guard.ok(),
+                 "suspects": [str(p) for p in guard.suspects()]}
+        if ntp is not None:
+            clock["ntp"] = ntp.status()
+            if ntp.exceeds(cfg.clock.max_offset_ms):
+                log.warning("NTP: this node's clock is off by %s ms (+- %s), beyond the guard "
+                            "of %d ms", ntp.offset_ms, ntp.error_ms, cfg.clock.max_offset_ms)
+        return {"client_addr": cfg.node.client_addr, "hlc": hlc.peek(), "clock": clock,
+                **({"zk": mirror.status()} if mirror else {})}
+
+    server = Server(node, stamp=guarded_stamp(hlc, guard, node), client_addr_of=by_id.get,
+                    settings=ServerSettings.from_config(cfg), extra_status=extra_status,
+                    wall_ms=wall_ms)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -479,9 +570,21 @@ async def serve(cfg, *, stop: asyncio.Event | None = None, on_ready=None) -> Non
         host, port = parse_addr(cfg.node.client_addr)
         await server.start(host, port)
         log.info("node %s serving clients on %s", cfg.node.id, cfg.node.client_addr)
+        watch_task = asyncio.create_task(watch.run())
+        if ntp is not None:
+            ntp.start()
+        if mirror is not None:
+            mirror.start()  # returns at once, even with ZooKeeper down
         if on_ready:
             on_ready(server)
         await stop.wait()
     finally:
+        if ntp is not None:
+            ntp.stop()
+        if "watch_task" in locals():
+            watch_task.cancel()
         await server.stop()
+        if mirror is not None:
+            # Closing the session removes our znodes now rather than a session timeout later.
+            await loop.run_in_executor(None, mirror.stop)
         node.stop()

@@ -617,3 +617,16 @@ def test_node_without_the_secret_cannot_join_or_disturb(cluster):
     assert intruder.status()["applied_index"] <= 1
     assert intruder.status()["last_log_index"] <= 1
     assert not leader.status()["peers"]["c"]["connected"]
+
+
+def test_step_down_hands_leadership_over(cluster):
+    c = cluster().start()
+    old = c.leader()
+    code, _, _ = propose(old, {"type": "tick"})
+    assert code == Code.OK
+    old.step_down()
+    new = wait_for(lambda: (lambda n: n if n is not None and n is not old else None)(
+        next((n for n in c.running() if n.is_leader()), None)), 10, "a new leader")
+    assert new.node_id != old.node_id
+    assert propose(new, {"type": "tick"})[0] == Code.OK
+    c.converged()
