@@ -470,7 +470,7 @@ class ClockRefused(Exception):
     """The leader's clock is too far from the cluster's to stamp an entry."""
 
 
-def guarded_stamp(hlc, guard, node) -> Callable[[], int]:
+def guarded_stamp(hlc, guard, node, events=None) -> Callable[[], int]:
     """The leader's stamp function: HLC now, unless the clock guard says this node's wall clock
     is further than the allowed offset from the cluster's.  Then it refuses (the batcher answers
     no_leader, nothing is proposed), logs loudly, and asks the node to step down."""
@@ -481,11 +481,26 @@ def guarded_stamp(hlc, guard, node) -> Callable[[], int]:
             log.error("CLOCK GUARD: this node's clock is %.0f ms from the cluster's (allowed %d "
                       "ms); refusing to stamp entries and stepping down", est.offset_ms,
                       guard.max_offset_ms)
+            if events is not None:
+                events.write("clock.guard", offset_ms=round(est.offset_ms),
+                             max_offset_ms=guard.max_offset_ms)
             node.step_down()
             raise ClockRefused(f"clock off by {est.offset_ms:.0f} ms")
         return hlc.now()
 
     return stamp
+
+
+async def _log_role_changes(node, events, interval_s: float = 0.1) -> None:
+    """Write an event whenever the node's role, term or known leader changes."""
+    last = None
+    while True:
+        st = node.status()
+        now = (st.get("role"), st.get("term"), st.get("leader_id"))
+        if now != last:
+            events.write("raft.role", role=now[0], term=now[1], leader=now[2])
+            last = now
+        await asyncio.sleep(interval_s)
 
 
 def _observe(hlc, ts: int) -> None:
@@ -507,7 +522,10 @@ async def serve(cfg, *, stop: asyncio.Event | None = None, on_ready=None) -> Non
     """
     import signal
 
+    import os
+
     from .clock import HLC, ClockGuard, NtpMonitor
+    from .logmerge import EventLog
     from .config import parse_addr
     from .node import Node
 
@@ -537,6 +555,12 @@ async def serve(cfg, *, stop: asyncio.Event | None = None, on_ready=None) -> Non
         mirror = ZkMirror(cfg.zk.hosts, cfg.cluster.name, cfg.node.id, mirror_view,
                           root=cfg.zk.root, digest=cfg.zk.digest or None,
                           session_timeout_s=cfg.zk.session_timeout_ms / 1000)
+    # A structured, HLC-stamped event log per node: `raftpay logs merge` orders several
+    # nodes' logs into one history even when their wall clocks disagree.
+    os.makedirs(cfg.node.data_dir, exist_ok=True)
+    events = EventLog(os.path.join(cfg.node.data_dir, "events.jsonl"), hlc, cfg.node.id)
+    events.write("node.started", raft_addr=cfg.node.raft_addr,
+                 client_addr=cfg.node.client_addr, fsync=cfg.raft.fsync)
     guard = ClockGuard(cfg.clock.max_offset_ms)
     watch = ClockWatch({p.id: p.client_addr for p in cfg.other_peers}, guard, wall_ms)
     ntp = NtpMonitor(list(cfg.clock.ntp_servers), interval_s=16.0) if cfg.clock.ntp_servers \
@@ -555,7 +579,7 @@ async def serve(cfg, *, stop: asyncio.Event | None = None, on_ready=None) -> Non
         return {"client_addr": cfg.node.client_addr, "hlc": hlc.peek(), "clock": clock,
                 **({"zk": mirror.status()} if mirror else {})}
 
-    server = Server(node, stamp=guarded_stamp(hlc, guard, node), client_addr_of=by_id.get,
+    server = Server(node, stamp=guarded_stamp(hlc, guard, node, events), client_addr_of=by_id.get,
                     settings=ServerSettings.from_config(cfg), extra_status=extra_status,
                     wall_ms=wall_ms)
     stop = stop or asyncio.Event()
@@ -571,6 +595,7 @@ async def serve(cfg, *, stop: asyncio.Event | None = None, on_ready=None) -> Non
         await server.start(host, port)
         log.info("node %s serving clients on %s", cfg.node.id, cfg.node.client_addr)
         watch_task = asyncio.create_task(watch.run())
+        events_task = asyncio.create_task(_log_role_changes(node, events))
         if ntp is not None:
             ntp.start()
         if mirror is not None:
@@ -583,6 +608,9 @@ async def serve(cfg, *, stop: asyncio.Event | None = None, on_ready=None) -> Non
             ntp.stop()
         if "watch_task" in locals():
             watch_task.cancel()
+            events_task.cancel()
+        events.write("node.stopped")
+        events.close()
         await server.stop()
         if mirror is not None:
             # Closing the session removes our znodes now rather than a session timeout later.

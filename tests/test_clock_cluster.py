@@ -5,7 +5,10 @@ clock is left alone)."""
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -98,6 +101,16 @@ def test_skewed_nodes_are_flagged_and_never_stamp(tmp_path):
             assert cl.post_pending("s-post", "s-p") == Code.OK
         logs = {n: (tmp_path / f"{n}.log").read_text() for n in ("n1", "n2", "n3", "n4", "n5")}
         assert not any("CLOCK GUARD" in logs[n] for n in ("n1", "n2", "n3"))
+        # The nodes' HLC-stamped event logs merge into one ordered history.
+        files = [str(tmp_path / n / "events.jsonl") for n in ("n1", "n2", "n3", "n4", "n5")]
+        r = subprocess.run([sys.executable, "-m", "raftpay", "logs", "merge", *files],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        merged = [json.loads(line) for line in r.stdout.splitlines()]
+        assert [e["hlc"] for e in merged] == sorted(e["hlc"] for e in merged)
+        assert {e["node"] for e in merged} == {"n1", "n2", "n3", "n4", "n5"}
+        leaders = [e for e in merged if e["event"] == "raft.role" and e["role"] == "leader"]
+        assert len(leaders) >= 2  # the pauses moved leadership at least once
     finally:
         for p in c.procs.values():
             if p.poll() is None:
