@@ -71,6 +71,9 @@ MAX_AMOUNT = (1 << 63) - 1
 #: Each of an account's debits (pending + posted) and credits (pending + posted) stays below this.
 MAX_BALANCE = (1 << 63) - 1
 MAX_TIMEOUT_MS = MAX_U32
+#: Timestamps stay below this (an HLC stamp of 48-bit ms << 16 is far below it), which leaves
+#: headroom for the per-event ticks within the 64-bit timestamp column.
+MAX_TS = (1 << 63) - 1
 #: One millisecond in timestamp units (the low 16 bits are the HLC's logical counter).
 MS = 1 << 16
 
@@ -133,16 +136,25 @@ def _id_code(value: Any, missing: Code, invalid: Code) -> int:
     # type(value) is str: types were checked before.
     if not value:
         return invalid
-    if len(value) > MAX_ID_BYTES // 4 and len(value.encode("utf-8", "surrogatepass")) > MAX_ID_BYTES:
+    if value.isascii():
+        size = len(value)
+    else:
+        try:
+            size = len(value.encode("utf-8"))
+        except UnicodeEncodeError:  # a lone surrogate: not text any replica could store
+            return invalid
+    if size > MAX_ID_BYTES:
         return Code.ID_TOO_LONG if missing is Code.ID_MISSING else invalid
     return _OK
 
 
 def _check_shape(ev: Any, keys: frozenset) -> int:
-    """Unknown fields and wrong types; returns a code."""
+    """Unknown fields and wrong types; returns a code.  A nil value counts as left out."""
     if not keys.issuperset(ev):
         return Code.UNKNOWN_FIELD
     for k, v in ev.items():
+        if v is None:
+            continue
         t = type(v)
         if k in _INT_KEYS:
             if t is not int:
@@ -220,8 +232,8 @@ class Ledger:
         Deterministic; never raises on bad input; the reply must be treated as read-only (a
         session keeps it to answer duplicates).
         """
-        if type(ts) is not int or ts < 0:
-            ts = 0
+        if type(ts) is not int or not 0 <= ts <= MAX_TS:
+            ts = 0  # not a timestamp: the command gets last_ts + 1, like a clock behind ours
         now = ts if ts > self.last_ts else self.last_ts + 1
         self.last_ts = now
         if self._expiry and self._expiry[0][0] <= now:
@@ -363,7 +375,7 @@ class Ledger:
         code = _check_shape(ev, _ACCOUNT_KEYS)
         if code:
             return code
-        flags = ev.get("flags", 0)
+        flags = ev.get("flags") or 0
         if flags & ~ACCOUNT_FLAGS or flags < 0:
             return Code.RESERVED_FLAG
         aid = ev.get("id")
@@ -377,7 +389,7 @@ class Ledger:
             return Code.CURRENCY_MISSING
         if not 0 < currency <= MAX_U32:
             return Code.CURRENCY_INVALID
-        user_data = ev.get("user_data", 0)
+        user_data = ev.get("user_data") or 0
         if not 0 <= user_data <= MAX_U64:
             return Code.USER_DATA_INVALID
         flags &= ~LINKED
@@ -438,10 +450,17 @@ class Ledger:
         credit_id = get("credit_account_id")
         amount = get("amount")
         currency = get("currency")
-        flags = get("flags", 0)
-        user_data = get("user_data", 0)
+        # A nil value counts as left out, as for every other field.
+        flags = get("flags")
+        user_data = get("user_data")
         pending_id = get("pending_id")
-        timeout_ms = get("timeout_ms", 0)
+        timeout_ms = get("timeout_ms")
+        if flags is None:
+            flags = 0
+        if user_data is None:
+            user_data = 0
+        if timeout_ms is None:
+            timeout_ms = 0
         for v in (tid, debit_id, credit_id, pending_id):
             t = type(v)
             if t is not int and t is not str and v is not None:
@@ -920,7 +939,7 @@ _DIFFERENT_FIELD_CODES = (
 def _is_linked(ev: Any) -> bool:
     if type(ev) is not dict:
         return False
-    flags = ev.get("flags", 0)
+    flags = ev.get("flags")
     return type(flags) is int and flags > 0 and bool(flags & LINKED)
 
 

@@ -336,3 +336,34 @@ def test_snapshot_rejects_foreign_bytes():
     import msgpack
     with pytest.raises(ValueError, match="version"):
         Ledger.restore(msgpack.packb({"format": "raftpay-ledger", "version": 99}))
+
+
+# --- Edge input found by the property tests -----------------------------------------------------
+
+def test_lone_surrogate_id_is_invalid_and_snapshots_still_work():
+    led = base()
+    assert submit(led, [xfer("\ud800")], T0 + MS) == [Code.ID_INVALID]
+    assert submit(led, [acct("\udfff")], T0 + MS) == [Code.ID_INVALID]
+    assert Ledger.restore(led.snapshot()).state_hash() == led.state_hash()
+
+
+@pytest.mark.parametrize("ts", [1 << 64, -1, "soon", 2.5])
+def test_a_timestamp_out_of_range_neither_raises_nor_corrupts(ts):
+    led = base()
+    last = led.last_ts
+    assert submit(led, [xfer("t-ts")], ts) == [Code.OK]
+    assert led.lookup_transfers(["t-ts"])[0]["timestamp"] == last + 1
+    assert Ledger.restore(led.snapshot()).state_hash() == led.state_hash()
+
+
+def test_nil_counts_as_left_out_everywhere():
+    led = base()
+    assert submit(led, [acct("nil-acc", flags=None, user_data=None)], T0 + MS) == [Code.OK]
+    assert submit(led, [{"op": "create_account", "id": None, "currency": 1}], T0 + MS) == [
+        Code.ID_MISSING]
+    assert submit(led, [xfer("nil-t", flags=None, user_data=None, timeout_ms=None)],
+                  T0 + MS) == [Code.OK]
+    assert submit(led, [{"op": "close_account", "account_id": None}], T0 + MS) == [
+        Code.ACCOUNT_ID_MISSING]
+    # A boolean is still not an integer.
+    assert submit(led, [xfer("bool-t", flags=False)], T0 + MS) == [Code.INVALID_FIELD_TYPE]
