@@ -295,6 +295,39 @@ def _transfer_event(t: dict) -> dict:
     return ev
 
 
+def _zookeeper_directory(hosts: str, cluster: str, root: str, digest: str | None,
+                         timeout_s: float):
+    """Read the cluster's directory in ZooKeeper (the `raftpay.zk` layout): returns
+    (watch, seeds, leader address or None, cores), where `watch` is a started `LeaderWatch`
+    that keeps the leader of every `_Core` appended to `cores` current.  Blocks up to about
+    `timeout_s`; raises `Unavailable` when ZooKeeper does not answer or lists no members."""
+    try:
+        from .zk import LeaderWatch, ZkUnavailable
+    except ImportError as e:
+        raise RaftpayError(str(e)) from e
+    cores: list[_Core] = []
+
+    def on_change(info) -> None:
+        # kazoo's event thread: one attribute write, the same hint a `not_leader` reply gives.
+        for core in cores:
+            core.leader = info.client_addr if info is not None else None
+
+    watch = LeaderWatch(hosts, cluster, root=root, on_change=on_change, digest=digest)
+    try:
+        watch.start(timeout_s)
+        seeds = watch.members(timeout_s)
+    except ZkUnavailable as e:
+        watch.stop(1.0)
+        raise Unavailable(f"cluster {cluster!r} not found through ZooKeeper: {e}") from e
+    leader = watch.leader
+    if not seeds and leader is not None:
+        seeds = [leader.client_addr]
+    if not seeds:
+        watch.stop(1.0)
+        raise Unavailable(f"no members of cluster {cluster!r} are registered under {root}")
+    return watch, seeds, cores
+
+
 # --- Blocking client ----------------------------------------------------------------------------
 
 class Client(_Api):
@@ -312,6 +345,27 @@ class Client(_Api):
         self._socks: dict[str, socket.socket] = {}
         self._lock = threading.Lock()
         self._max_frame_bytes = max_frame_bytes
+        self._zk_watch = None  # set by from_zookeeper
+
+    @classmethod
+    def from_zookeeper(cls, hosts: str, cluster: str, *, root: str = "/raftpay",
+                       digest: str | None = None, zk_timeout_s: float = 5.0, **kw) -> "Client":
+        """A client that finds the cluster through ZooKeeper instead of a seed list.
+
+        Seeds are the client addresses under ``<root>/<cluster>/members``; the leader starts as
+        ``<root>/<cluster>/leader`` says and follows it while the client is open (a
+        `LeaderWatch`).  The znode is a hint like any other: `not_leader` replies are still
+        followed as usual, and a ZooKeeper outage later on costs nothing but the hint.  Blocks
+        up to about `zk_timeout_s`; raises `Unavailable` if ZooKeeper does not answer or lists
+        no members.  `kw` goes to the constructor.  `close()` also closes the ZooKeeper session.
+        """
+        watch, seeds, cores = _zookeeper_directory(hosts, cluster, root, digest, zk_timeout_s)
+        client = cls(seeds, **kw)
+        client._zk_watch = watch
+        cores.append(client._core)
+        leader = watch.leader  # read after registering, so no change slips between
+        client._core.leader = leader.client_addr if leader is not None else None
+        return client
 
     @staticmethod
     def _map(value, fn):
@@ -363,6 +417,9 @@ class Client(_Api):
     def close(self) -> None:
         for addr in list(self._socks):
             self._drop(addr)
+        watch, self._zk_watch = self._zk_watch, None
+        if watch is not None:
+            watch.stop()
 
     def __enter__(self):
         return self
@@ -425,6 +482,22 @@ class AsyncClient(_Api):
         self._connecting: dict[str, asyncio.Future] = {}
         self._max_frame_bytes = max_frame_bytes
         self._session_lock: asyncio.Lock | None = None
+        self._zk_watch = None  # set by from_zookeeper
+
+    @classmethod
+    async def from_zookeeper(cls, hosts: str, cluster: str, *, root: str = "/raftpay",
+                             digest: str | None = None, zk_timeout_s: float = 5.0,
+                             **kw) -> "AsyncClient":
+        """Like `Client.from_zookeeper` (same arguments and contract), as a coroutine: the
+        ZooKeeper reads run in a worker thread so the event loop never blocks on them."""
+        watch, seeds, cores = await asyncio.to_thread(_zookeeper_directory, hosts, cluster,
+                                                      root, digest, zk_timeout_s)
+        client = cls(seeds, **kw)
+        client._zk_watch = watch
+        cores.append(client._core)
+        leader = watch.leader
+        client._core.leader = leader.client_addr if leader is not None else None
+        return client
 
     @staticmethod
     async def _map(value, fn):
@@ -496,6 +569,9 @@ class AsyncClient(_Api):
         for conn in self._conns.values():
             conn.close()
         self._conns.clear()
+        watch, self._zk_watch = self._zk_watch, None
+        if watch is not None:
+            await asyncio.to_thread(watch.stop)
 
     async def __aenter__(self):
         return self
