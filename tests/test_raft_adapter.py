@@ -181,6 +181,9 @@ def test_internal_names_exist(tmp_path):
         assert isinstance(so._SyncObj__transport, TCPTransport)
         assert so._SyncObj__transport._syncObj is so
         assert isinstance(so._SyncObj__raftLog._FileJournal__metaStorer, MetaStorer)
+        # The journal sync fdatasyncs the journal's own file object (see rp_fsync_now).
+        rfile = so._SyncObj__raftLog._FileJournal__journalFile
+        assert rfile._ResizableFile__f.fileno() >= 0
     finally:
         so.destroy()
     assert callable(FileJournal.flush) and callable(MetaStorer.getPath)
