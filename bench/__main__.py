@@ -3,7 +3,7 @@
     python -m bench --quick                 # < 2 minutes; what CI runs to keep the harness alive
     python -m bench                         # the full matrix (about 9 minutes on 2 cores)
     python -m bench --out /tmp/b --only 3n-fsync-always
-    python -m bench --modes raft,zk-election --zk-hosts 127.0.0.1:2181   # once zk-election exists
+    python -m bench --modes raft,zk-election      # starts its own ZooKeeper ensemble
 
 Exit code 0 when the run completed (targets missed are reported, not failed: this is a
 measurement, not a test); 1 when a step could not run at all; 2 on bad arguments.
@@ -38,16 +38,43 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"comma-separated replication modes to measure ({', '.join(MODES)}); "
                          "modes other than raft get the same clusters as raft")
     ap.add_argument("--zk-hosts", default="",
-                    help="ZooKeeper ensemble for mode zk-election (host:port,...)")
+                    help="ZooKeeper ensemble for mode zk-election (host:port,...); default: "
+                         "start a 3-server ensemble on loopback for the run")
     ap.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     args = ap.parse_args(argv)
+    args.argv = argv
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         ap.error(f"unknown mode(s) {unknown}; known: {', '.join(MODES)}")
+    ensemble = None
     if "zk-election" in modes and not args.zk_hosts:
-        ap.error("mode zk-election needs --zk-hosts (a running ZooKeeper ensemble)")
+        # No ensemble given: run a 3-server one on loopback for the duration (Debian
+        # `zookeeper`), with the same server classes the tests use.
+        ensemble = _start_ensemble()
+        args.zk_hosts = ensemble.hosts
+    try:
+        return _run(args, modes)
+    finally:
+        if ensemble is not None:
+            ensemble.stop()
+
+
+def _start_ensemble():
+    import pathlib
+    import tempfile
+    tests = pathlib.Path(__file__).resolve().parent.parent / "tests"
+    sys.path.insert(0, str(tests))
+    from zk_fixtures import ZkEnsemble
+    ensemble = ZkEnsemble(pathlib.Path(tempfile.mkdtemp(prefix="raftpay-bench-zk-")), n=3)
+    ensemble.start()
+    ensemble.wait_quorum()
+    print(f"started a 3-server ZooKeeper ensemble at {ensemble.hosts}", file=sys.stderr)
+    return ensemble
+
+
+def _run(args, modes) -> int:
     profile = runner.quick_profile() if args.quick else runner.full_profile()
     clusters = []
     for mode in modes:
@@ -58,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     progress = Progress(0, enabled=not args.no_progress)
     t0 = time.monotonic()
-    results = runner.run(profile, argv, progress, only=args.only)
+    results = runner.run(profile, args.argv, progress, only=args.only)
     paths = report.write_all(results, args.out)
     print(report.targets_text(results), file=sys.stderr)
     print(f"wrote {paths['md']} and {paths['json']} "
