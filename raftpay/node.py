@@ -694,6 +694,11 @@ class Node:
         # (last log index, log size) as of the last tick: the journal itself is rewritten in
         # place during compaction, so other threads must not read it directly.
         self._published_log = (0, 0)
+        # (role, term, leader raft addr), written together by the Raft thread once per tick.
+        # Reading upstream's fields one by one from another thread could pair a new term with
+        # the old role (upstream sets the term, fsyncs the meta file, then changes role), and a
+        # status then showed two leaders in one term (found by the fault suite).
+        self._published_role: tuple = ("follower", 0, None)
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -860,10 +865,9 @@ class Node:
     def leader_id(self) -> str | None:
         """Node id of the leader this node last heard from (itself if leader), or None.  Can be
         stale by up to an election timeout; use it as a hint."""
-        so = self._so
-        if so is None or self._stopped.is_set():
+        if self._so is None or self._stopped.is_set():
             return None
-        addr = so.rp_leader_addr()
+        addr = self._published_role[2]
         return None if addr is None else self._addr_to_id.get(addr)
 
     def step_down(self) -> None:
@@ -880,8 +884,8 @@ class Node:
     def is_leader(self) -> bool:
         """True if this node believes it leads.  A hint (a deposed leader may not know yet);
         `propose` and `read_index` decide on the Raft thread."""
-        so = self._so
-        return so is not None and not self._stopped.is_set() and so.rp_is_leader()
+        return (self._so is not None and not self._stopped.is_set()
+                and self._published_role[0] == "leader")
 
     def status(self) -> dict:
         """A point-in-time view for operators and the server's status call.  Any thread; never
@@ -893,9 +897,9 @@ class Node:
               "fatal": None if self._fatal is None else repr(self._fatal)}
         if so is None:
             return st
-        role = so.rp_role()
+        role, term, _ = self._published_role
         last, size = self._published_log
-        st.update(role=role, term=so.raftCurrentTerm, commit_index=so.raftCommitIndex,
+        st.update(role=role, term=term, commit_index=so.raftCommitIndex,
                   applied_index=so.raftLastApplied, last_log_index=last,
                   leader_id=self.leader_id, log_size=size,
                   journal_syncs=so.rp_journal_syncs(), ready=self._ready.is_set())
@@ -1020,6 +1024,7 @@ class Node:
         if not self._ready.is_set() and so.isReady() and so.rp_leader_addr() is not None:
             self._ready.set()
         self._published_log = (so.rp_last_index(), so._getRaftLogSize())
+        self._published_role = (so.rp_role(), so.raftCurrentTerm, so.rp_leader_addr())
 
     def _take_proposals(self, so: _RaftpaySyncObj, is_leader: bool) -> bool:
         """Append every queued proposal (leader) or refuse it; True if anything was appended.
