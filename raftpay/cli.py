@@ -320,14 +320,31 @@ def status(cluster: str | None, as_json: bool) -> None:
     else:
         leader_commit = max((r.get("commit_index", 0) for r in rows), default=0)
         click.echo(f"{'node':<6}{'role':<12}{'term':>6}{'commit':>10}{'applied':>10}"
-                   f"{'lag':>8}  address")
+                   f"{'lag':>8}{'clock offset':>16}  address")
         for r in rows:
             lag = leader_commit - r["applied_index"] if "applied_index" in r else ""
             click.echo(f"{str(r.get('id', '?')):<6}{r.get('role', '?'):<12}"
                        f"{str(r.get('term', '')):>6}{str(r.get('commit_index', '')):>10}"
-                       f"{str(r.get('applied_index', '')):>10}{str(lag):>8}  {r['address']}")
+                       f"{str(r.get('applied_index', '')):>10}{str(lag):>8}"
+                       f"{_clock_text(r.get('clock')):>16}  {r['address']}")
     if all(r.get("role") == "unreachable" for r in rows):
         sys.exit(EXIT_UNAVAILABLE)
+
+
+def _clock_text(clock: dict | None) -> str:
+    """"+3 ms ±1 ms" (NTP when configured, else against the other nodes), "!" when the guard
+    says this node's clock is too far off."""
+    if not clock:
+        return ""
+    ntp = clock.get("ntp") or {}
+    if ntp.get("offset_ms") is not None:
+        text = f"{ntp['offset_ms']:+.0f}±{ntp.get('error_ms') or 0:.0f} ntp"
+    elif clock.get("cluster_offset_ms") is not None:
+        # The cluster's time relative to ours; our offset is the opposite.
+        text = f"{-clock['cluster_offset_ms']:+.0f}±{clock.get('bound_ms', 0):.0f} ms"
+    else:
+        text = "?"
+    return text + ("" if clock.get("guard_ok", True) else " !")
 
 
 # --- ledger commands for people at a shell --------------------------------------------------------

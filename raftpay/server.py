@@ -598,7 +598,9 @@ async def serve(cfg, *, stop: asyncio.Event | None = None, on_ready=None) -> Non
     def extra_status() -> dict:
         est = guard.cluster_offset()
         clock = {"wall_ms": wall_ms(), "max_offset_ms": cfg.clock.max_offset_ms,
-                 "cluster_offset_ms": est.offset_ms if est else None, "guard_ok": guard.ok(),
+                 "cluster_offset_ms": est.offset_ms if est else None,
+                 "bound_ms": (est.hi_ms - est.lo_ms) / 2 if est else None,
+                 "guard_ok": guard.ok(),
                  "suspects": [str(p) for p in guard.suspects()]}
         if ntp is not None:
             clock["ntp"] = ntp.status()

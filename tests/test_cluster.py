@@ -257,5 +257,6 @@ def test_cli_flow(cluster):
     assert r.returncode == 0 and "cli-t" in r.stdout
     r = run("status")
     assert r.returncode == 0 and r.stdout.count("leader") == 1
+    assert r.stdout.count("±") == 3  # each node's clock offset and bound
     r = run("status", "--cluster", "127.0.0.1:1")
     assert r.returncode == 3
