@@ -22,20 +22,9 @@ from raftpay.cli import LocalCluster
 from raftpay.client import AsyncClient, Client
 from raftpay.codes import Code, OutcomeUnknown, RaftpayError, Unavailable
 from raftpay.config import RaftConfig
+from bench.clusters import free_ports
 
 ACCOUNTS = 16
-
-
-def _free_ports(n: int) -> list[int]:
-    import socket
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 async def _payer(seeds: str, k: int, stop_at: float, acked: dict, unknown: dict,
@@ -75,7 +64,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     tmp = tempfile.mkdtemp(prefix="raftpay-soak-")
-    ports = _free_ports(2 * args.nodes)
+    ports = free_ports(2 * args.nodes)
     cluster = LocalCluster(args.nodes, tmp, 0, ports=[(ports[2 * i], ports[2 * i + 1])
                                                       for i in range(args.nodes)],
                            raft=RaftConfig(fsync=args.fsync))
@@ -147,7 +136,7 @@ def main(argv=None) -> int:
             for cfg in cluster.configs:
                 try:
                     with Client(cfg.node.client_addr, timeout_s=2) as c:
-                        st[cfg.node.id] = c.status(addr=cfg.node.client_addr)
+                        st[cfg.node.id] = c.status(addr=cfg.node.client_addr, state_hash=True)
                 except RaftpayError:
                     pass
             if len(st) == args.nodes and len({s["applied_index"] for s in st.values()}) == 1 \

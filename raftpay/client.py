@@ -271,9 +271,11 @@ class _Api:
             {"account": account, "limit": limit, "cursor": cursor}, consistency, min_version)),
             lambda rb: (rb["transfers"], rb.get("next_cursor")))
 
-    def status(self, addr: str | None = None):
-        """The status of one node (the given address, else whichever answers)."""
-        return self._map(self._call("status", {}, addr=addr), lambda rb: rb["status"])
+    def status(self, addr: str | None = None, state_hash: bool = False):
+        """The status of one node (the given address, else whichever answers).  `state_hash`
+        adds the ledger's hash, which costs the node a full serialisation of its state."""
+        body = {"state_hash": True} if state_hash else {}
+        return self._map(self._call("status", body, addr=addr), lambda rb: rb["status"])
 
 
 def _read_body(body: dict, consistency: str, min_version: int) -> dict:

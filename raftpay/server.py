@@ -210,7 +210,8 @@ class Server:
                 st = dict(self.node.status())
                 st.update(self.extra_status())
                 st["leader_client_addr"] = self._leader_hint()
-                st["state_hash"] = self.node.state_hash()
+                if body.get("state_hash"):
+                    st["state_hash"] = self.node.state_hash()
                 self._reply(writer, rid, Code.OK, status=st)
             elif kind in _READ_TYPES:
                 await self._read(kind, body, rid, writer)

@@ -244,6 +244,12 @@ def _positive_u64(req: str, key: str, v: Any) -> str | None:
     return f"got {_describe(v)}; allowed: an integer in 1..2**64-1"
 
 
+def _bool(req: str, key: str, v: Any) -> str | None:
+    if isinstance(v, bool):
+        return None
+    return f"got {_describe(v)}; allowed: true or false"
+
+
 def _consistency(req: str, key: str, v: Any) -> str | None:
     if isinstance(v, str) and v in CONSISTENCY:
         return None
@@ -302,7 +308,8 @@ _LOOKUP: dict[str, tuple[bool, _Check]] = {
 #: Request type -> {key: (required, check)}.  The order of the types is the order in messages.
 SCHEMAS: dict[str, dict[str, tuple[bool, _Check]]] = {
     "ping": {},
-    "status": {},
+    # `state_hash` asks for the ledger's hash: it serialises the whole state, so only on request.
+    "status": {"state_hash": (False, _bool)},
     "register_session": {},
     "keep_alive": {"session": (True, _u64)},
     "submit": {

@@ -55,7 +55,7 @@ def node_statuses(cluster: LocalCluster) -> dict[str, dict]:
             continue
         try:
             with Client(cfg.node.client_addr, timeout_s=1, attempt_timeout_s=1) as c:
-                out[cfg.node.id] = c.status(addr=cfg.node.client_addr)
+                out[cfg.node.id] = c.status(addr=cfg.node.client_addr, state_hash=True)
         except RaftpayError:
             pass
     return out

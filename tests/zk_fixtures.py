@@ -31,6 +31,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from cluster_fixtures import free_ports  # one helper for all tests
+
 try:
     import pytest
 except ImportError:  # benchmarks use the classes without the [test] extra
@@ -79,25 +81,6 @@ def zk_classpath(extra: list[str] | None = None) -> str:
         parts.append(str(simple))
     parts.extend(extra or [])
     return ":".join(parts)
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct free TCP ports on 127.0.0.1.
-
-    All sockets are held open until every port is chosen, so the kernel cannot hand out the same
-    port twice; another process could still take one before the server binds it (rare on a test
-    machine, and the start then fails loudly rather than silently).
-    """
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def four_letter(port: int, command: str, *, timeout_s: float = 1.0) -> str:

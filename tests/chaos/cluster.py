@@ -37,23 +37,11 @@ from raftpay.config import (ClusterConfig, NodeConfig, NodeSection, Peer, RaftCo
 
 from chaos import netns
 from chaos.proxy import FaultProxy, ports_for
+from cluster_fixtures import free_ports  # noqa: E402 (one helper for all tests)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOPOLOGIES = ("loopback", "proxy", "netns")
 SKEW_ENV = "RAFTPAY_CLOCK_SKEW_MS"
-
-
-def free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _ports_free(ports) -> bool:
@@ -271,7 +259,7 @@ class ChaosCluster:
         addr = self.client_addr(nid)
         try:
             with Client(addr, timeout_s=timeout_s, attempt_timeout_s=timeout_s) as c:
-                return c.status(addr=addr)
+                return c.status(addr=addr, state_hash=True)
         except (RaftpayError, OSError):
             return None
 
