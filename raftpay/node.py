@@ -41,7 +41,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import msgpack
 
@@ -691,6 +691,7 @@ class Node:
         # Until this monotonic time, a leader keeps trying to hand leadership over (step_down).
         self._step_down_until = 0.0
         self._next_step_down_try = 0.0
+        self._step_down_avoid: frozenset = frozenset()
         # (last log index, log size) as of the last tick: the journal itself is rewritten in
         # place during compaction, so other threads must not read it directly.
         self._published_log = (0, 0)
@@ -870,16 +871,29 @@ class Node:
         addr = self._published_role[2]
         return None if addr is None else self._addr_to_id.get(addr)
 
-    def step_down(self) -> None:
+    def step_down(self, avoid: Iterable[str] = ()) -> None:
         """Hand leadership to the most caught-up follower, for up to one election timeout.
 
         Any thread; returns at once; a no-op on a follower.  The server calls it when this
         node's clock is too far from the cluster's to stamp entries (clock.ClockGuard): a leader
         that must not stamp must not lead.  Uses upstream's public `transferLeadership`
         (Raft's TimeoutNow), retried each heartbeat until a follower is caught up and takes over.
+        `avoid` names peers that must not get it (e.g. the clock guard's suspects: handing
+        leadership to another off clock would only bounce it back).
         """
+        self._step_down_avoid = frozenset(avoid)
         self._step_down_until = time.monotonic() + self._election_timeout_s
         self._wake()
+
+    def _step_down_target(self, so) -> str | None:
+        """Raft address of a connected, fully caught-up peer not in `avoid` (upstream's
+        transferLeadership denies any other), or None to try again next heartbeat."""
+        last = so.rp_last_index()
+        for addr, p in so.rp_peers().items():
+            if (p["connected"] and p["match_index"] == last
+                    and self._addr_to_id.get(addr) not in self._step_down_avoid):
+                return addr
+        return None
 
     def is_leader(self) -> bool:
         """True if this node believes it leads.  A hint (a deposed leader may not know yet);
@@ -1020,7 +1034,9 @@ class Node:
             so.rp_ping_peers()
         if is_leader and now < self._step_down_until and now >= self._next_step_down_try:
             self._next_step_down_try = now + self._heartbeat_s
-            so.transferLeadership()
+            target = self._step_down_target(so)
+            if target is not None:
+                so.transferLeadership(target)
         if not self._ready.is_set() and so.isReady() and so.rp_leader_addr() is not None:
             self._ready.set()
         self._published_log = (so.rp_last_index(), so._getRaftLogSize())

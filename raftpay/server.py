@@ -509,7 +509,7 @@ def guarded_stamp(hlc, guard, node, events=None) -> Callable[[], int]:
             if events is not None:
                 events.write("clock.guard", offset_ms=round(est.offset_ms),
                              max_offset_ms=guard.max_offset_ms)
-            node.step_down()
+            node.step_down(avoid={str(p) for p in guard.suspects()})
             raise ClockRefused(f"clock off by {est.offset_ms:.0f} ms")
         return hlc.now()
 

@@ -26,8 +26,9 @@ class _RecordingNode:
     def __init__(self):
         self.step_downs = 0
 
-    def step_down(self):
+    def step_down(self, avoid=()):
         self.step_downs += 1
+        self.avoided = set(avoid)
 
 
 def test_guarded_stamp_refuses_and_steps_down_when_the_majority_disagrees():
@@ -66,7 +67,8 @@ def test_skewed_nodes_are_flagged_and_never_stamp(tmp_path):
         wait_until(flagged, 20, "the guard to flag exactly n4 and n5", interval_s=0.2)
 
         t_start_ms = time.time_ns() // 1_000_000
-        with Client(c.seeds, timeout_s=30) as cl:
+        # A short attempt timeout: a paused node costs one second per try, not five.
+        with Client(c.seeds, timeout_s=30, attempt_timeout_s=1) as cl:
             cl.create_accounts([{"id": "s-a", "currency": 1}, {"id": "s-b", "currency": 1}])
             assert cl.transfer("s-p", "s-a", "s-b", 5, 1, flags=["pending"],
                                timeout_ms=60_000) == Code.OK
