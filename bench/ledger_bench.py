@@ -201,9 +201,9 @@ def markdown(res: dict) -> str:
                      f"{r['snapshot_s']:.2f} s + {r['restore_s']:.2f} s = "
                      f"{r['snapshot_plus_restore_s']:.2f} s | <= {TARGET_SNAP_RESTORE_S:.0f} s "
                      f"({_mark(ok)}) |")
+        size, per = r["snapshot_bytes"], r["snapshot_bytes"] / r["transfers"]
         lines.append(f"| snapshot size ({r['transfers']:,} transfers) | {r['ids']} | "
-                     f"{r['snapshot_bytes'] / 1e6:.1f} MB ({r['snapshot_bytes'] / r['transfers']:.0f}"
-                     f" B/transfer) | - |")
+                     f"{size / 1e6:.1f} MB ({per:.0f} B/transfer) | - |")
         lines.append(f"| state_hash ({r['transfers']:,} transfers) | {r['ids']} | "
                      f"{r['state_hash_s']:.2f} s | - |")
     return "\n".join(lines)
