@@ -364,6 +364,25 @@ class Ledger:
         self.last_ts = max(self.last_ts, now + n - 1)
         return results
 
+    def _store_transfer(self, tid, drow: int, crow: int, amount: int, ts: int, flags: int,
+                        user_data: int, prow: int, timeout_ms: int) -> int:
+        """Append one transfer to every column and to both accounts' histories; returns its
+        row.  The one place that knows the column layout (rollback pops the same columns)."""
+        row = len(self._t_id)
+        self._tx[tid] = row
+        self._t_id.append(tid)
+        self._t_debit.append(drow)
+        self._t_credit.append(crow)
+        self._t_amount.append(amount)
+        self._t_ts.append(ts)
+        self._t_flags.append(flags)
+        self._t_user_data.append(user_data)
+        self._t_pending.append(prow)
+        self._t_timeout.append(timeout_ms)
+        self._a_hist[drow].append(row)
+        self._a_hist[crow].append(row)
+        return row
+
     def _fast_transfer(self, ev: Any, ts: int) -> int | None:
         """The common case on its own short path: a plain (no flags), well-formed transfer with
         a new id between two open accounts that can take it.  Applies it and returns OK, or
@@ -406,19 +425,7 @@ class Ledger:
         if a_flags[crow] & CREDITS_MUST_NOT_EXCEED_DEBITS and (
                 self._a_cpend[crow] + cposted > self._a_dpost[crow]):
             return None
-        row = len(self._t_id)
-        self._tx[tid] = row
-        self._t_id.append(tid)
-        self._t_debit.append(drow)
-        self._t_credit.append(crow)
-        self._t_amount.append(amount)
-        self._t_ts.append(ts)
-        self._t_flags.append(0)
-        self._t_user_data.append(user_data)
-        self._t_pending.append(-1)
-        self._t_timeout.append(0)
-        self._a_hist[drow].append(row)
-        self._a_hist[crow].append(row)
+        self._store_transfer(tid, drow, crow, amount, ts, 0, user_data, -1, 0)
         self._a_dpost[drow] = dposted
         self._a_cpost[crow] = cposted
         return _OK
@@ -621,19 +628,8 @@ class Ledger:
         drow, crow, amount, prow = code
 
         # Apply.
-        row = len(self._t_id)
-        self._tx[tid] = row
-        self._t_id.append(tid)
-        self._t_debit.append(drow)
-        self._t_credit.append(crow)
-        self._t_amount.append(amount)
-        self._t_ts.append(ts)
-        self._t_flags.append(flags)
-        self._t_user_data.append(user_data)
-        self._t_pending.append(prow)
-        self._t_timeout.append(timeout_ms)
-        self._a_hist[drow].append(row)
-        self._a_hist[crow].append(row)
+        row = self._store_transfer(tid, drow, crow, amount, ts, flags, user_data, prow,
+                                   timeout_ms)
         undo = self._undo
         if kind == 0:
             self._a_dpost[drow] += amount
