@@ -528,6 +528,20 @@ async def _log_role_changes(node, events, interval_s: float = 0.1) -> None:
         await asyncio.sleep(interval_s)
 
 
+def stop_on_signals(stop: asyncio.Event | None = None) -> asyncio.Event:
+    """The event a node process waits on: set by SIGTERM or SIGINT (when this is the main
+    thread; a test running serve() in a thread sets it itself).  Loop thread."""
+    import signal
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread
+            pass
+    return stop
+
+
 def _observe(hlc, ts: int) -> None:
     """Receive rule on apply.  A stamp too far ahead of our wall clock is not adopted (the HLC
     guard refuses it); the ledger still orders it, and the warning says whose clock is off."""
@@ -545,8 +559,6 @@ async def serve(cfg, *, stop: asyncio.Event | None = None, on_ready=None) -> Non
     Blocks (it is the process's main coroutine).  Stops cleanly: the server closes first so no
     reply is cut in half, then the node flushes and releases its port and files.
     """
-    import signal
-
     import os
     import sys
 
@@ -614,13 +626,8 @@ async def serve(cfg, *, stop: asyncio.Event | None = None, on_ready=None) -> Non
     server = Server(node, stamp=guarded_stamp(hlc, guard, node, events), client_addr_of=by_id.get,
                     settings=ServerSettings.from_config(cfg), extra_status=extra_status,
                     wall_ms=wall_ms)
-    stop = stop or asyncio.Event()
+    stop = stop_on_signals(stop)
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):  # not the main thread
-            pass
     node.start()
     try:
         host, port = parse_addr(cfg.node.client_addr)

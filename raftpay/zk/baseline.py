@@ -1611,10 +1611,9 @@ async def serve(cfg, *, stop: asyncio.Event | None = None, on_ready=None) -> Non
     Blocks (it is the process's main coroutine).  Stops cleanly: the server closes first, then
     the node steps down, leaves ZooKeeper and closes its log.
     """
-    import signal
 
     from raftpay.clock import HLC
-    from raftpay.server import Server, ServerSettings, _observe
+    from raftpay.server import Server, ServerSettings, _observe, stop_on_signals
 
     hlc = HLC(max_offset_ms=cfg.clock.max_offset_ms)
     node = ZkNode.from_config(cfg, on_apply=lambda index, ts, replies: _observe(hlc, ts))
@@ -1624,13 +1623,8 @@ async def serve(cfg, *, stop: asyncio.Event | None = None, on_ready=None) -> Non
                     extra_status=lambda: {"client_addr": cfg.node.client_addr,
                                           "hlc": hlc.peek(),
                                           "zk": node._mirror.status() if node._mirror else None})
-    stop = stop or asyncio.Event()
+    stop = stop_on_signals(stop)
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):  # not the main thread
-            pass
     node.start()
     try:
         host, port = parse_addr(cfg.node.client_addr)
