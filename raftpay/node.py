@@ -9,10 +9,15 @@ section "ADAPTER OVER PYSYNCOBJ 0.3.17 INTERNALS" below, pinned name by name by
 `tests/test_raft_adapter.py`.  The adapter exists for five reasons, each a gap in PySyncObj 0.3.17
 (see /work/shared/ENGINE_NOTES.md):
 
-* Latency: upstream sends appendEntries once per period (~125 ms a command).  Here one dedicated
-  Raft thread drives PySyncObj's tick; proposals are handed to it through a queue plus a wake-up
-  pipe in its poller, and every tick appends *all* queued proposals and sends one appendEntries
-  round at once (group commit without a timer).
+* Latency: upstream sends appendEntries once per period (~125 ms a command).  Here the node drives
+  PySyncObj's tick itself; proposals are queued, and every tick appends *all* queued proposals
+  and sends one appendEntries round at once (group commit without a timer).  The tick runs either
+  on a Raft thread of the node's own (woken through a pipe in upstream's poller) or, as the node
+  process runs it, on the asyncio loop that serves clients (`start(loop=...)`: upstream's sockets
+  join the loop's selector through `_LoopPoller`), which removes the GIL hand-overs between two
+  busy threads that made a commit round take ~12 ms under load.  Upstream also keeps the part of
+  a message the socket did not take until its next send to that node (a heartbeat later); the
+  adapter has the poller finish it as soon as the socket drains.
 * Safety: upstream followers truncate entries they already hold and the leader moves nextIndex
   backwards on stale replies.  The adapter handles appendEntries as Raft §5.3 says (delete only a
   conflicting suffix, commit only what this message verified) and never moves nextIndex below
@@ -27,9 +32,10 @@ section "ADAPTER OVER PYSYNCOBJ 0.3.17 INTERNALS" below, pinned name by name by
   pickles), and a node answers `NOT_LEADER` instead.
 
 Threads.  Public methods are thread-safe and never block on Raft (except `start`, `stop`,
-`wait_ready` and `query`, which say so).  Callbacks run on the Raft thread unless a method says
-otherwise; they must be quick and must not call `stop()` synchronously.  The asyncio server
-bounces them into its loop with ``loop.call_soon_threadsafe``.
+`wait_ready` and `query`, which say so).  Callbacks run on the thread that ticks (the Raft thread,
+or the loop's thread in loop mode) unless a method says otherwise; they must be quick and must not
+call `stop()` synchronously.  The asyncio server queues them into its loop, with `call_soon` when
+the node ticks on that loop (`runs_on`) and `call_soon_threadsafe` otherwise.
 """
 
 from __future__ import annotations
@@ -212,7 +218,82 @@ class _RaftpayTransport(TCPTransport):
             if so._rp_in_seq is not None:
                 message["rp_seq"] = so._rp_in_seq
                 message["rp_term"] = so._SyncObj__raftCurrentTerm
-        return super().send(node, message)
+        ok = super().send(node, message)
+        conn = self._connections.get(node)
+        if ok and conn is not None and conn.getSendBufferSize():
+            # The socket took only part of the message.  Upstream sends the rest only when it
+            # next sends to this node (a heartbeat, up to a period later): a large entry then
+            # reached followers in pieces, one heartbeat apart.  Ask the poller for writability,
+            # which upstream's connection handles by sending the rest (and unsubscribing).
+            so._poller.subscribe(conn.fileno(), conn._TcpConnection__processConnection,
+                                 POLL_EVENT_TYPE.READ | POLL_EVENT_TYPE.WRITE
+                                 | POLL_EVENT_TYPE.ERROR)
+        return ok
+
+
+class _LoopPoller:
+    """Upstream's `Poller` interface over an asyncio event loop, so the Raft group runs on the
+    same thread as the client server (`Node.start(loop=...)`).
+
+    With a Raft thread of its own, every syscall that thread made released the GIL to the busy
+    server thread and then waited for it back (CPython's switch interval): ~20 hand-overs per
+    commit round, which made a round take ~12 ms under load with the CPU half idle.  Here the
+    loop's selector watches upstream's sockets; `poll()` does nothing, and `on_event()` runs after
+    each dispatched event so the node ticks (once per loop pass, however many events came).
+    Error conditions reach upstream as READ (epoll reports them as readable); its read path
+    notices the error and disconnects."""
+
+    def __init__(self, loop, on_event: Callable[[], None]):
+        self._loop = loop
+        self._on_event = on_event
+        self._subs: dict[int, list] = {}  # fd -> [callback, reading, writing]
+
+    def subscribe(self, descr, callback, eventMask):
+        reading = bool(eventMask & (POLL_EVENT_TYPE.READ | POLL_EVENT_TYPE.ERROR))
+        writing = bool(eventMask & POLL_EVENT_TYPE.WRITE)
+        sub = self._subs.get(descr)
+        if sub is None:
+            sub = self._subs[descr] = [callback, False, False]
+        sub[0] = callback
+        if reading != sub[1]:
+            if reading:
+                self._loop.add_reader(descr, self._dispatch, descr, POLL_EVENT_TYPE.READ)
+            else:
+                self._loop.remove_reader(descr)
+            sub[1] = reading
+        if writing != sub[2]:
+            if writing:
+                self._loop.add_writer(descr, self._dispatch, descr, POLL_EVENT_TYPE.WRITE)
+            else:
+                self._loop.remove_writer(descr)
+            sub[2] = writing
+
+    def unsubscribe(self, descr):
+        # Upstream closes a socket before it unsubscribes it, so the selector may fail to modify
+        # the fd (EBADF); it then forgets the fd altogether, which is what we want.  The kernel
+        # dropped the closed fd from epoll itself.  Raising here would cut upstream's
+        # disconnect() short and leave a dead connection that is never re-opened.
+        sub = self._subs.pop(descr, None)
+        if sub is not None:
+            for watching, remove in ((sub[2], self._loop.remove_writer),
+                                     (sub[1], self._loop.remove_reader)):
+                if watching:
+                    try:
+                        remove(descr)
+                    except (OSError, ValueError):
+                        pass
+
+    def poll(self, timeout):
+        """The loop polls; a tick never waits here."""
+
+    def _dispatch(self, descr, event):
+        sub = self._subs.get(descr)
+        if sub is None:
+            return
+        try:
+            sub[0](descr, event)
+        finally:
+            self._on_event()
 
 
 class _RaftpaySyncObj(SyncObj):
@@ -222,8 +303,9 @@ class _RaftpaySyncObj(SyncObj):
     must be called on the thread that ticks, except the read-only ones `Node.status` uses."""
 
     def __init__(self, owner, self_addr: str, other_addrs: list[str], conf: SyncObjConf,
-                 journal_path: str, fsync: bool):
+                 journal_path: str, fsync: bool, poller: _LoopPoller | None = None):
         assert not conf.autoTick, "the adapter must own the tick thread"
+        self._rp_poller = poller  # None: upstream's own (a thread that ticks with a timeout)
         self._rp_owner = owner
         self._rp_round = 0  # appendEntries rounds sent by this node (any term), for ReadIndex
         self._rp_commit_sent = 0  # commit index carried by the last round
@@ -234,6 +316,17 @@ class _RaftpaySyncObj(SyncObj):
         # the durable subclass on the same file (it reads back what upstream just wrote).
         self._SyncObj__raftLog._destroy()
         self._SyncObj__raftLog = _RaftpayJournal(journal_path, fsync)
+
+    # Upstream assigns `self._poller = createPoller(conf.pollerType)` in its __init__ and hands
+    # it to the transport; a loop poller given to us takes its place before anything subscribes.
+    @property
+    def _poller(self):
+        return self._rp_poller
+
+    @_poller.setter
+    def _poller(self, upstream_poller):
+        if self._rp_poller is None:
+            self._rp_poller = upstream_poller
 
     # --- driving ----------------------------------------------------------------------------
 
@@ -670,6 +763,11 @@ class Node:
         self._ready = threading.Event()
         self._fatal: BaseException | None = None
         self._tick_wait_s = min(0.05, self._election_timeout_s / 20)
+        # Loop mode (`start(loop=...)`): the Raft group ticks on that asyncio loop's thread.
+        self._loop = None
+        self._loop_thread_id: int | None = None
+        self._tick_scheduled = False
+        self._timer = None
 
         # Handed from any thread to the Raft thread.
         self._inbox_proposals: collections.deque = collections.deque()
@@ -703,11 +801,15 @@ class Node:
 
     # --- lifecycle --------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, loop=None) -> None:
         """Open the files, bind the Raft port, restore the snapshot and the committed part of the
-        journal, and start the Raft thread.  Blocks briefly (caller's thread).  Raises
-        `FatalNodeError` if the stored state cannot be loaded, `OSError` if the port is taken.
-        Not restartable: make a new `Node` to start again."""
+        journal, and start ticking.  Blocks briefly (caller's thread).  Raises `FatalNodeError` if
+        the stored state cannot be loaded, `OSError` if the port is taken.  Not restartable: make
+        a new `Node` to start again.
+
+        Without `loop` the node runs its own Raft thread.  With an asyncio `loop` (call this on
+        that loop's thread) the Raft group's sockets join the loop's selector and every tick runs
+        on the loop's thread, as do all callbacks: no GIL hand-over on the commit path."""
         if self._so is not None:
             raise RuntimeError("a Node starts once; create a new one to restart")
         os.makedirs(self.data_dir, exist_ok=True)
@@ -717,18 +819,23 @@ class Node:
                           heartbeat_s=self._heartbeat_s, batch_bytes=self._batch_bytes,
                           log_compaction_min_entries=self._compaction_entries,
                           serializer=self._write_snapshot, deserializer=self._read_snapshot)
+        if loop is not None:
+            self._loop = loop
+            self._loop_thread_id = threading.get_ident()
         try:
             so = _RaftpaySyncObj(self, self.raft_addr, list(self.peers.values()), conf,
                                  os.path.join(self.data_dir, JOURNAL_FILE),
-                                 fsync=self.fsync == "always")
+                                 fsync=self.fsync == "always",
+                                 poller=_LoopPoller(loop, self._schedule_tick) if loop else None)
         except pysyncobj.SyncObjException as e:
             raise OSError(f"cannot bind Raft address {self.raft_addr}: {e}") from None
         self._so = so
         so.addOnTickCallback(self._on_tick)
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        so.rp_subscribe_fd(self._wake_r, self._drain_wake)
+        if loop is None:
+            self._wake_r, self._wake_w = os.pipe()
+            os.set_blocking(self._wake_r, False)
+            os.set_blocking(self._wake_w, False)
+            so.rp_subscribe_fd(self._wake_r, self._drain_wake)
         # The first tick loads the snapshot and applies the journal up to the stored commit
         # index, here on the caller's thread so a broken data dir fails `start()` itself.
         try:
@@ -739,6 +846,9 @@ class Node:
             self._shutdown_raft()
             raise FatalNodeError(f"{self.node_id}: cannot load state from {self.data_dir}: "
                                  f"{self._fatal}") from self._fatal
+        if loop is not None:
+            self._timer = loop.call_later(self._tick_wait_s, self._on_timer)
+            return
         self._thread = threading.Thread(target=self._run, name=f"raft-{self.node_id}",
                                         daemon=True)
         self._thread.start()
@@ -750,6 +860,13 @@ class Node:
         if self._so is None or self._stopped.is_set():
             return
         self._stopping = True
+        if self._loop is not None:
+            if threading.get_ident() == self._loop_thread_id:
+                self._shutdown_raft()
+            else:
+                self._wake()
+                self._stopped.wait(timeout_s)
+            return
         self._wake()
         if self._thread is None:
             return
@@ -895,6 +1012,11 @@ class Node:
                 return addr
         return None
 
+    def runs_on(self, loop) -> bool:
+        """True if this node ticks on `loop` (`start(loop=...)`): its callbacks then run on that
+        loop's thread and need no `call_soon_threadsafe`."""
+        return loop is not None and self._loop is loop
+
     def is_leader(self) -> bool:
         """True if this node believes it leads.  A hint (a deposed leader may not know yet);
         `propose` and `read_index` decide on the Raft thread."""
@@ -947,8 +1069,46 @@ class Node:
                 break
         self._shutdown_raft()
 
+    def _tick_once(self) -> bool:
+        """One tick without waiting (loop mode); False once the node must stop."""
+        try:
+            self._so.rp_tick(0)
+        except FatalNodeError as e:
+            self._fatal = e
+        except Exception:
+            log.exception("%s: Raft tick failed", self.node_id)  # as upstream's autoTick does
+        if self._fatal is not None:
+            log.critical("%s: stopping: %r", self.node_id, self._fatal)
+            return False
+        return True
+
+    def _schedule_tick(self) -> None:
+        """Loop mode: tick once more soon, after the events already due in this loop pass (so a
+        burst of messages and proposals is handled by one tick).  Loop thread."""
+        if not self._tick_scheduled and not self._stopped.is_set():
+            self._tick_scheduled = True
+            self._loop.call_soon(self._loop_tick)
+
+    def _loop_tick(self) -> None:
+        self._tick_scheduled = False
+        if self._stopped.is_set():
+            return
+        if self._stopping or not self._tick_once():
+            self._shutdown_raft()
+
+    def _on_timer(self) -> None:
+        # Heartbeats, election deadlines, connection retries and request deadlines advance
+        # with time, not with events.
+        if self._stopped.is_set():
+            return
+        self._timer = self._loop.call_later(self._tick_wait_s, self._on_timer)
+        self._schedule_tick()
+
     def _shutdown_raft(self) -> None:
         """Answer everything pending, then close the Raft group's sockets and files."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._stopping = True
         self._stopped.set()  # from here on, callers answer their own late requests
         so = self._so
@@ -993,6 +1153,15 @@ class Node:
                 return out
 
     def _wake(self) -> None:
+        if self._loop is not None:
+            if threading.get_ident() == self._loop_thread_id:
+                self._schedule_tick()
+            else:
+                try:
+                    self._loop.call_soon_threadsafe(self._schedule_tick)
+                except RuntimeError:  # the loop is closed: the node stopped with it
+                    pass
+            return
         # One byte per sleep is enough: the Raft thread drains every inbox after each poll.
         if self._wake_pending:
             return

@@ -23,6 +23,8 @@ from pysyncobj.config import FAIL_REASON
 from pysyncobj.journal import FileJournal, MetaStorer
 from pysyncobj.serializer import Serializer
 from pysyncobj.syncobj import _COMMAND_TYPE, _RAFT_STATE
+from pysyncobj.poller import POLL_EVENT_TYPE, Poller
+from pysyncobj.tcp_connection import TcpConnection
 from pysyncobj.transport import TCPTransport
 
 from raftpay import node as rn
@@ -162,6 +164,9 @@ SYNCOBJ_ATTRS = [
     "_SyncObj__recvTransmission", "_SyncObj__otherNodes", "_SyncObj__transport",
     "_SyncObj__serializer", "_poller",
 ]
+# Set only by the test of partly sent entries (to switch heartbeats and elections off).
+SYNCOBJ_TEST_ATTRS = ["_SyncObj__conf", "_SyncObj__raftElectionDeadline",
+                      "_SyncObj__newAppendEntriesTime", "_SyncObj__selfNode"]
 
 
 def test_internal_names_exist(tmp_path):
@@ -172,7 +177,7 @@ def test_internal_names_exist(tmp_path):
     addr = free_addr()
     so = SyncObj(addr, [free_addr()], conf=_bare_conf(str(tmp_path), "x"))
     try:
-        for name in SYNCOBJ_ATTRS:
+        for name in SYNCOBJ_ATTRS + SYNCOBJ_TEST_ATTRS:
             assert hasattr(so, name), f"SyncObj instance has no {name}"
         assert isinstance(so._SyncObj__raftLog, FileJournal)
         assert isinstance(so._SyncObj__commandsWaitingCommit, dict)
@@ -184,8 +189,16 @@ def test_internal_names_exist(tmp_path):
         # The journal sync fdatasyncs the journal's own file object (see rp_fsync_now).
         rfile = so._SyncObj__raftLog._FileJournal__journalFile
         assert rfile._ResizableFile__f.fileno() >= 0
+        # The transport's flush of a partly sent message (rp: _RaftpayTransport.send).
+        assert isinstance(so._SyncObj__transport._connections, dict)
     finally:
         so.destroy()
+    assert callable(TcpConnection._TcpConnection__processConnection)
+    assert callable(TcpConnection.getSendBufferSize) and callable(TcpConnection.fileno)
+    # The loop poller stands in for upstream's: same interface, same event bits.
+    for name in ("subscribe", "unsubscribe", "poll"):
+        assert callable(getattr(Poller, name))
+    assert (POLL_EVENT_TYPE.READ, POLL_EVENT_TYPE.WRITE, POLL_EVENT_TYPE.ERROR) == (1, 2, 4)
     assert callable(FileJournal.flush) and callable(MetaStorer.getPath)
     assert callable(Serializer.deserialize)
 
@@ -452,6 +465,38 @@ def test_adapter_replicates_chunked_entries(tmp_path):
         got = [body for _, body in follower._rp_owner.applied]
         assert got[-3:] == [straddling[1:], high[1:], b"small"]
         assert _log(follower)[-3:] == _log(leader)[-3:]
+    finally:
+        for so in pair:
+            so.rp_destroy()
+
+
+# --- a message larger than the socket buffers is finished as the socket drains -----------------
+
+
+def test_a_partly_sent_entry_is_finished_without_waiting_for_another_send(tmp_path):
+    """Upstream's connection sends what the socket takes and keeps the rest until the next send
+    to that node, normally a heartbeat.  With heartbeats and elections switched off after the
+    leader is elected, the rest of a 3 MB entry must still arrive: the adapter subscribes the
+    connection for writability, and upstream's handler sends the rest."""
+    pair = _rp_pair(tmp_path, batch_bytes=8 * 1024 * 1024)
+    try:
+        leader, follower = _leader_follower(pair)
+        tick_until(pair, leader.rp_committed_in_term, what="no-op committed")
+        for so in pair:  # no heartbeat, no election, no step-down for the rest of the test
+            conf = so._SyncObj__conf
+            conf.appendEntriesPeriod = conf.leaderFallbackTimeout = 3600.0
+            conf.raftMinTimeout, conf.raftMaxTimeout = 3600.0, 7200.0
+            so._SyncObj__raftElectionDeadline = time.monotonic() + 3600
+        leader._SyncObj__newAppendEntriesTime = time.monotonic() + 3600
+        big = rn.ENTRY_LEDGER + os.urandom(3 * 1024 * 1024)
+        done = []
+        leader.rp_append(big, lambda res, err: done.append(err))
+        leader.rp_send_round()
+        conn = leader._SyncObj__transport._connections[follower._SyncObj__selfNode]
+        assert conn.getSendBufferSize() > 0, "the socket took the whole entry: test proves nothing"
+        tick_until(pair, lambda: done, timeout_s=10, what="the large entry committed")
+        assert done == [FAIL_REASON.SUCCESS]
+        assert _log(follower)[-1] == _log(leader)[-1] and _log(follower)[-1][0] == big
     finally:
         for so in pair:
             so.rp_destroy()
