@@ -22,8 +22,9 @@ has applied that far before it looks.  `consistency="follower"` reads are served
 it has applied at least `min_version` (read-your-writes with the version a write returned), or
 answered `read_not_ready` after a timeout.
 
-Threads: the asyncio loop owns this module; node callbacks arrive on the Raft thread and are
-bounced into the loop with `call_soon_threadsafe`.  A bad request gets an error reply; a broken
+Threads: the asyncio loop owns this module.  A node started with `start(loop=...)` (what `serve`
+does) ticks on the same loop, so its callbacks arrive on the loop thread and are queued with
+`call_soon`; a node with its own Raft thread gets `call_soon_threadsafe` instead.  A bad request gets an error reply; a broken
 connection is closed; nothing a client sends can stop the server.
 """
 
@@ -108,6 +109,9 @@ class Server:
     async def start(self, host: str, port: int) -> tuple[str, int]:
         """Listen on host:port (port 0 picks a free one); returns the bound address."""
         self._loop = asyncio.get_running_loop()
+        # Node callbacks come back to the loop through this (see the module docstring).
+        self.to_loop = (self._loop.call_soon if self.node.runs_on(self._loop)
+                        else self._loop.call_soon_threadsafe)
         self._batcher = _Batcher(self)
         self._reads = _ReadBarrier(self)
         self._server = await asyncio.start_server(self._serve, host, port,
@@ -300,7 +304,7 @@ class Server:
             want = body.get("min_version", 0)
             fut = loop.create_future()
             self.node.wait_applied(want, self.settings.follower_read_timeout_s,
-                                   _threadsafe(loop, fut))
+                                   _resolver(self.to_loop, fut))
             code, index = await fut
             if code != Code.OK:
                 self._reply(writer, rid, code, applied=index,
@@ -318,15 +322,16 @@ class Server:
             self._reply(writer, rid, Code.OK, transfers=items, next_cursor=cursor, version=index)
 
 
-def _threadsafe(loop: asyncio.AbstractEventLoop, fut: asyncio.Future) -> Callable:
-    """A callback for the Raft thread that resolves `fut` in the loop with its arguments."""
+def _resolver(to_loop: Callable, fut: asyncio.Future) -> Callable:
+    """A node callback that resolves `fut` in the loop with its arguments (`to_loop` is the
+    server's `call_soon` or `call_soon_threadsafe`)."""
 
     def resolve(*args):
         def set_result():
             if not fut.done():
                 fut.set_result(args)
 
-        loop.call_soon_threadsafe(set_result)
+        to_loop(set_result)
 
     return resolve
 
@@ -381,13 +386,14 @@ class _Batcher:
         self.inflight += 1
         self.last_propose = time.monotonic()
         loop = server._loop
+        to_loop = server.to_loop
         # One deadline for the whole entry: its requests time out together (outcome unknown:
         # the entry may still commit), and the in-flight slot stays taken until the node
         # answers, so a slow commit throttles proposing instead of piling up entries.
         timer = loop.call_later(server.settings.request_timeout_s, self._expire, futs)
 
         def on_result(code, replies, index):
-            loop.call_soon_threadsafe(self._resolved, futs, timer, code, replies, index)
+            to_loop(self._resolved, futs, timer, code, replies, index)
 
         server.node.propose(payload, on_result)
 
@@ -427,10 +433,10 @@ class _ReadBarrier:
     def _start(self) -> None:
         self.running = True
         batch, self.waiting = self.waiting, []
-        loop = self.server._loop
+        to_loop = self.server.to_loop
 
         def done(code, index):
-            loop.call_soon_threadsafe(self._finish, batch, code, index)
+            to_loop(self._finish, batch, code, index)
 
         self.server.node.read_index(done)
 
@@ -560,17 +566,12 @@ async def serve(cfg, *, stop: asyncio.Event | None = None, on_ready=None) -> Non
     reply is cut in half, then the node flushes and releases its port and files.
     """
     import os
-    import sys
 
     from .clock import HLC, ClockGuard, NtpMonitor
     from .logmerge import EventLog
     from .config import parse_addr
     from .node import Node
 
-    # Two threads share the GIL here (this loop and the Raft thread).  With CPython's default
-    # 5 ms switch interval a busy thread keeps the other waiting up to 5 ms per hand-over,
-    # which showed up directly in commit latency; 0.5 ms trades a little throughput for it.
-    sys.setswitchinterval(0.0005)
     wall_ms = _wall_clock()
     hlc = HLC(wall_ms=wall_ms, max_offset_ms=cfg.clock.max_offset_ms)
     # Every replica moves its clock forward by what it applies, so a new leader never stamps
@@ -628,7 +629,8 @@ async def serve(cfg, *, stop: asyncio.Event | None = None, on_ready=None) -> Non
                     wall_ms=wall_ms)
     stop = stop_on_signals(stop)
     loop = asyncio.get_running_loop()
-    node.start()
+    # The Raft group ticks on this loop: one thread serves clients and runs Raft.
+    node.start(loop=loop)
     try:
         host, port = parse_addr(cfg.node.client_addr)
         await server.start(host, port)

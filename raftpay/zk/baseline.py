@@ -1100,6 +1100,10 @@ class ZkNode:
         A hint."""
         return self._leader_id
 
+    def runs_on(self, loop) -> bool:
+        """False: callbacks come from this node's own threads (see `server.Server`)."""
+        return False
+
     def is_leader(self) -> bool:
         """True while this node is a serving primary.  A hint: `propose` decides."""
         pr = self._primary
