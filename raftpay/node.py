@@ -45,6 +45,7 @@ import heapq
 import itertools
 import logging
 import os
+import struct
 import threading
 import time
 from typing import Any, Callable, Iterable
@@ -97,6 +98,7 @@ from pysyncobj.journal import FileJournal, MetaStorer  # noqa: E402
 from pysyncobj.monotonic import monotonic as _pso_monotonic  # noqa: E402  (CLOCK_MONOTONIC_RAW)
 from pysyncobj.poller import POLL_EVENT_TYPE  # noqa: E402
 from pysyncobj.syncobj import _RAFT_STATE  # noqa: E402
+from pysyncobj.tcp_connection import TcpConnection  # noqa: E402
 from pysyncobj.transport import TCPTransport  # noqa: E402
 from pysyncobj.version import VERSION as _PYSYNCOBJ_VERSION  # noqa: E402
 
@@ -197,6 +199,110 @@ class _RaftpayJournal(FileJournal):
         self.rp_syncs += 1
 
 
+#: First byte of every frame between raftpay nodes (`_RaftpayConnection`): which framing follows.
+_FRAME_PLAIN = b"P"  # pickle, no secret configured (loopback only, enforced by the config)
+_FRAME_SEALED = b"S"  # seq (8 bytes) | nonce (12) | AES-GCM(pickle), authenticated with the seq
+#: Key derivation for the cluster secret; a salt of our own, so the key is not upstream's.
+_SEAL_SALT = b"raftpay/raft-transport/aes-gcm/v1"
+_I32 = struct.Struct("i")  # upstream's length prefix: a native int
+
+
+class _Sealer:
+    """Authenticated encryption of node-to-node frames with a key derived from the cluster
+    secret (PBKDF2-SHA256, like upstream's Fernet key, then AES-256-GCM).
+
+    Why not upstream's Fernet: per small message, zlib.compress (which upstream applies first)
+    cost ~80 us and Fernet ~40 us each way, on every appendEntries and acknowledgement; AES-GCM
+    costs ~3 us.  Replay protection is stronger too: each connection numbers its frames and the
+    receiver accepts only increasing numbers (Fernet's second-resolution timestamps allowed
+    replays within the same second), on top of upstream's per-connection random key."""
+
+    def __init__(self, secret: str):
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+        from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
+        kdf = PBKDF2HMAC(algorithm=hashes.SHA256(), length=32, salt=_SEAL_SALT,
+                         iterations=100_000)
+        self._aead = AESGCM(kdf.derive(secret.encode()))
+
+    def seal(self, data: bytes, seq: int) -> bytes:
+        head = _FRAME_SEALED + seq.to_bytes(8, "big")
+        nonce = os.urandom(12)
+        return head + nonce + self._aead.encrypt(nonce, data, head)
+
+    def open(self, frame: bytes) -> tuple[int, bytes]:
+        """(seq, plaintext); raises on anything not sealed with our key."""
+        if frame[:1] != _FRAME_SEALED or len(frame) < 9 + 12 + 16:
+            raise ValueError("not a sealed frame")
+        head = frame[:9]
+        return int.from_bytes(head[1:], "big"), self._aead.decrypt(frame[9:21], frame[21:], head)
+
+
+class _RaftpayConnection(TcpConnection):
+    """Upstream's TCP connection with raftpay's framing: `pickle.dumps(message)` behind a type
+    byte, sealed by `_Sealer` when the cluster has a secret — no zlib (~80 us a message to
+    compress ~200 bytes on loopback), no Fernet.  The transport turns each connection it makes or
+    accepts into this class before anything is sent on it (`rp_adopt`); every node of a cluster
+    runs raftpay, so both ends speak it, and a peer that does not (or lacks the secret) fails the
+    first frame and is disconnected.  Nothing is unpickled before it authenticates, when sealed.
+
+    The length prefix and the buffers are upstream's; `rp_send_seq`/`rp_recv_seq` number the
+    frames of one TCP connection (reset on disconnect, since upstream reuses the object)."""
+
+    @classmethod
+    def rp_adopt(cls, conn: TcpConnection) -> TcpConnection:
+        if type(conn) is TcpConnection:
+            conn.__class__ = cls
+            conn.rp_send_seq, conn.rp_recv_seq = 0, 0
+        return conn
+
+    def send(self, message):
+        if self.sendRandKey:
+            message = (self.sendRandKey, message)
+        data = _pso_pickle.dumps(message)
+        if self.encryptor:
+            self.rp_send_seq += 1
+            data = self.encryptor.seal(data, self.rp_send_seq)
+        else:
+            data = _FRAME_PLAIN + data
+        self._TcpConnection__writeBuffer += _I32.pack(len(data)) + data
+        self._TcpConnection__trySendBuffer()
+
+    def _TcpConnection__processParseMessage(self):
+        buf = self._TcpConnection__readBuffer
+        if len(buf) < 4:
+            return None
+        (n,) = _I32.unpack_from(buf)
+        if len(buf) - 4 < n:
+            return None
+        data = buf[4:4 + n]
+        try:
+            if self.encryptor:
+                seq, data = self.encryptor.open(data)
+                if seq <= self.rp_recv_seq:
+                    raise ValueError(f"frame {seq} after {self.rp_recv_seq}: replayed")
+                self.rp_recv_seq = seq
+            elif data[:1] == _FRAME_PLAIN:
+                data = data[1:]
+            else:
+                raise ValueError("sealed frame, but this node has no cluster secret")
+            message = _pso_pickle.loads(data)
+            if self.recvRandKey:
+                rand_key, message = message
+                if rand_key != self.recvRandKey:
+                    raise ValueError("wrong connection key")
+        except Exception as e:
+            log.warning("dropping a Raft connection: %s", e or type(e).__name__)
+            self.disconnect()
+            return None
+        self._TcpConnection__readBuffer = buf[4 + n:]
+        return message
+
+    def disconnect(self):
+        self.rp_send_seq, self.rp_recv_seq = 0, 0
+        super().disconnect()
+
+
 class _RaftpayTransport(TCPTransport):
     """Upstream's TCP transport with two stamps on outgoing Raft messages.
 
@@ -205,6 +311,15 @@ class _RaftpayTransport(TCPTransport):
       round it answers and the follower's term, so the leader counts only acks of its own term.
     Doing it here covers every code path that acknowledges, including upstream's snapshot
     install and chunked transmissions."""
+
+    def addNode(self, node):
+        super().addNode(node)  # makes the outgoing connection object, if we are the dialer
+        conn = self._connections.get(node)
+        if conn is not None:
+            _RaftpayConnection.rp_adopt(conn)
+
+    def _onNewIncomingConnection(self, conn):
+        super()._onNewIncomingConnection(_RaftpayConnection.rp_adopt(conn))
 
     def send(self, node, message):
         so = self._syncObj
@@ -306,6 +421,8 @@ class _RaftpaySyncObj(SyncObj):
                  journal_path: str, fsync: bool, poller: _LoopPoller | None = None):
         assert not conf.autoTick, "the adapter must own the tick thread"
         self._rp_poller = poller  # None: upstream's own (a thread that ticks with a timeout)
+        # Our connections seal frames with this, not with upstream's Fernet (see _Sealer).
+        self._rp_sealer = _Sealer(conf.password) if conf.password else None
         self._rp_owner = owner
         self._rp_round = 0  # appendEntries rounds sent by this node (any term), for ReadIndex
         self._rp_commit_sent = 0  # commit index carried by the last round
@@ -327,6 +444,11 @@ class _RaftpaySyncObj(SyncObj):
     def _poller(self, upstream_poller):
         if self._rp_poller is None:
             self._rp_poller = upstream_poller
+
+    @property
+    def encryptor(self):
+        # What upstream's transport hands every connection as `conn.encryptor`.
+        return self._rp_sealer
 
     # --- driving ----------------------------------------------------------------------------
 

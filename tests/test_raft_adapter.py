@@ -194,6 +194,16 @@ def test_internal_names_exist(tmp_path):
     finally:
         so.destroy()
     assert callable(TcpConnection._TcpConnection__processConnection)
+    # _RaftpayConnection replaces the framing (send / __processParseMessage) and keeps the rest.
+    for name in ("_TcpConnection__processParseMessage", "_TcpConnection__trySendBuffer",
+                 "send", "disconnect"):
+        assert callable(getattr(TcpConnection, name)), f"TcpConnection.{name} is gone"
+    conn = TcpConnection(poller=None)
+    for name in ("_TcpConnection__readBuffer", "_TcpConnection__writeBuffer", "sendRandKey",
+                 "recvRandKey", "encryptor"):
+        assert hasattr(conn, name), f"TcpConnection has no {name}"
+    assert callable(TCPTransport.addNode) and callable(TCPTransport._onNewIncomingConnection)
+    assert isinstance(SyncObj.encryptor, property)
     assert callable(TcpConnection.getSendBufferSize) and callable(TcpConnection.fileno)
     # The loop poller stands in for upstream's: same interface, same event bits.
     for name in ("subscribe", "unsubscribe", "poll"):
@@ -500,3 +510,60 @@ def test_a_partly_sent_entry_is_finished_without_waiting_for_another_send(tmp_pa
     finally:
         for so in pair:
             so.rp_destroy()
+
+
+# --- node-to-node frames: pickle behind a type byte, sealed with AES-GCM ------------------------
+
+
+def _sealed_pair(secret="s3cret"):
+    """Two adopted connections over a socketpair, as the transport would hand them out."""
+    from pysyncobj.poller import createPoller
+    a, b = socket.socketpair()
+    poller = createPoller("auto")
+    conns = []
+    for sock in (a, b):
+        conn = rn._RaftpayConnection.rp_adopt(TcpConnection(poller=poller, socket=sock))
+        conn.encryptor = rn._Sealer(secret) if secret else None
+        conns.append(conn)
+    return conns
+
+
+def _deliver(frame_bytes, conn):
+    conn._TcpConnection__readBuffer += frame_bytes
+    return conn._TcpConnection__processParseMessage()
+
+
+def _frame_of(pair, message) -> bytes:
+    """The bytes `pair[0].send(message)` puts on the wire, read raw at the other end."""
+    pair[0].send(message)
+    return pair[1]._TcpConnection__socket.recv(1 << 20)
+
+
+def test_sealed_frames_round_trip_and_refuse_replay_tampering_and_other_keys():
+    _, receiver = pair = _sealed_pair()
+    frame = _frame_of(pair, {"type": "append_entries", "term": 3})
+    assert b"append_entries" not in frame  # sealed, not plain pickle
+    assert _deliver(frame, receiver) == {"type": "append_entries", "term": 3}
+    # The same frame again on this connection: a replay, and the connection is dropped.
+    assert _deliver(frame, receiver) is None
+    assert receiver.state == 0  # CONNECTION_STATE.DISCONNECTED
+
+    _, receiver = pair = _sealed_pair()
+    frame = bytearray(_frame_of(pair, {"x": 1}))
+    frame[-1] ^= 1  # one bit of the tag
+    assert _deliver(bytes(frame), receiver) is None and receiver.state == 0
+
+    one = _sealed_pair("one secret")
+    _, receiver = _sealed_pair("another secret")
+    assert _deliver(_frame_of(one, {"x": 1}), receiver) is None and receiver.state == 0
+
+    plain = _sealed_pair(secret=None)  # plain, to a node that has a secret
+    _, receiver = _sealed_pair()
+    assert _deliver(_frame_of(plain, {"x": 1}), receiver) is None and receiver.state == 0
+
+
+def test_plain_frames_are_pickle_without_zlib():
+    pair = _sealed_pair(secret=None)
+    frame = _frame_of(pair, ("k", {"type": "x"}))
+    assert frame[4:5] == rn._FRAME_PLAIN
+    assert _deliver(frame, pair[1]) == ("k", {"type": "x"})
