@@ -1,8 +1,11 @@
 """The client-facing server on every node (asyncio).
 
-Design (rqlite `http/service.go` is the model).  Each connection reads frames, decodes and checks
-them (`wire`), and answers each request as soon as it can — requests on one connection are
-handled concurrently and replies carry the request id, so a client may pipeline.
+Design (rqlite `http/service.go` is the model).  Each connection is an asyncio protocol
+(`_Conn`) that splits what arrives into frames (`wire.FrameBuffer`), decodes and checks them
+(`wire`), and answers each request as soon as it can — requests on one connection are handled
+concurrently and replies carry the request id, so a client may pipeline.  No task, timer or
+future is made per write request: the hot path is callbacks only, and one sweeper task enforces
+the idle and half-frame timeouts for every connection.
 
 Writes (`submit`, `register_session`, `keep_alive`) go only through the leader.  The leader does
 not propose one Raft entry per request: requests that arrive while entries are in flight wait in
@@ -24,13 +27,14 @@ answered `read_not_ready` after a timeout.
 
 Threads: the asyncio loop owns this module.  A node started with `start(loop=...)` (what `serve`
 does) ticks on the same loop, so its callbacks arrive on the loop thread and are queued with
-`call_soon`; a node with its own Raft thread gets `call_soon_threadsafe` instead.  A bad request gets an error reply; a broken
-connection is closed; nothing a client sends can stop the server.
+`call_soon`; a node with its own Raft thread gets `call_soon_threadsafe` instead.  A bad request
+gets an error reply; a broken connection is closed; nothing a client sends can stop the server.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from typing import Any, Callable
@@ -100,8 +104,9 @@ class Server:
         self._inflight = 0
         self._batcher: _Batcher | None = None
         self._reads: _ReadBarrier | None = None
-        self._conns: set[asyncio.StreamWriter] = set()
+        self._conns: set[_Conn] = set()
         self._ticker: asyncio.Task | None = None
+        self._sweeper: asyncio.Task | None = None
         self.address: tuple[str, int] | None = None
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -114,19 +119,21 @@ class Server:
                         else self._loop.call_soon_threadsafe)
         self._batcher = _Batcher(self)
         self._reads = _ReadBarrier(self)
-        self._server = await asyncio.start_server(self._serve, host, port,
-                                                  limit=2 ** 16, reuse_address=True)
+        self._server = await self._loop.create_server(lambda: _Conn(self), host, port,
+                                                      reuse_address=True)
         self.address = self._server.sockets[0].getsockname()[:2]
         self._ticker = asyncio.create_task(self._tick_when_idle())
+        self._sweeper = asyncio.create_task(self._sweep())
         return self.address
 
     async def stop(self) -> None:
-        if self._ticker:
-            self._ticker.cancel()
+        for task in (self._ticker, self._sweeper):
+            if task:
+                task.cancel()
         if self._server:
             self._server.close()
-        for w in list(self._conns):
-            w.close()
+        for conn in list(self._conns):
+            conn.close()
         if self._server:
             try:
                 await asyncio.wait_for(self._server.wait_closed(), 2)
@@ -135,33 +142,25 @@ class Server:
 
     # --- connections ------------------------------------------------------------------------
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._conns.add(writer)
+    async def _sweep(self) -> None:
+        """Close connections idle for `idle_timeout` (no frame, nothing in flight), and answer and
+        close those that started a frame and did not finish it within `frame_timeout` — a peer
+        that sends half a frame and stalls must not hold a buffer forever."""
         s = self.settings
-        try:
-            while True:
-                try:
-                    payload = await wire.read_frame(reader, s.max_frame_bytes, s.frame_timeout_s,
-                                                    s.idle_timeout_s)
-                except (TimeoutError, asyncio.TimeoutError):
-                    break  # idle connection: let it go
-                except ProtocolError as e:
-                    # Oversized, half-sent or cut-off frame: the stream is out of step.  Say why
-                    # (best effort) and close.
-                    self._send(writer, wire.reply(0, Code.INVALID_REQUEST, message=str(e)))
-                    break
-                if payload is None:
-                    break
-                self._dispatch(payload, writer)
-        except (ConnectionError, OSError):
-            pass
-        except Exception:  # pragma: no cover - a bug here must not take the server down
-            log.exception("connection handler failed")
-        finally:
-            self._conns.discard(writer)
-            writer.close()
+        period = max(0.05, min(1.0, s.frame_timeout_s / 3, s.idle_timeout_s / 3))
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for conn in list(self._conns):
+                if conn.frames.partial:
+                    if now - conn.frame_since > s.frame_timeout_s:
+                        self._send(conn, wire.reply(0, Code.INVALID_REQUEST, message=(
+                            f"frame not completed within {s.frame_timeout_s} s")))
+                        conn.close()
+                elif conn.pending == 0 and now - conn.last_active > s.idle_timeout_s:
+                    conn.close()  # idle connection: let it go
 
-    def _send(self, writer: asyncio.StreamWriter, frame: bytes) -> None:
+    def _send(self, writer: "_Conn", frame: bytes) -> None:
         if not writer.is_closing():
             writer.write(frame)
 
@@ -173,7 +172,7 @@ class Server:
             frame = wire.reply(rid, Code.INTERNAL_ERROR, message=f"reply not sent: {e}")
         self._send(writer, frame)
 
-    def _dispatch(self, payload: bytes, writer) -> None:
+    def _dispatch(self, payload: bytes, writer: "_Conn") -> None:
         try:
             env = wire.decode(payload, self.settings.max_frame_bytes)
             wire.validate_request(env)
@@ -184,6 +183,7 @@ class Server:
             self._reply(writer, env.id, Code.OVERLOADED, message="too many requests in flight")
             return
         self._inflight += 1
+        writer.pending += 1
         if env.type in _WRITE_TYPES:
             # The hot path: no task, no per-request timer; the batcher resolves the future and
             # the done-callback writes the reply.
@@ -191,14 +191,16 @@ class Server:
                 self._write(env.type, env.body, env.id, writer)
             except Exception as e:
                 self._inflight -= 1
+                writer.pending -= 1
                 log.exception("write %s failed", env.type)
                 self._reply(writer, env.id, Code.INTERNAL_ERROR, message=repr(e))
             return
         task = asyncio.ensure_future(self._handle(env, writer))
-        task.add_done_callback(self._done)
+        task.add_done_callback(lambda t: self._done(t, writer))
 
-    def _done(self, task: asyncio.Task) -> None:
+    def _done(self, task: asyncio.Task, writer: "_Conn") -> None:
         self._inflight -= 1
+        writer.pending -= 1
         if not task.cancelled() and task.exception() is not None:
             log.error("request handler failed", exc_info=task.exception())
 
@@ -243,6 +245,7 @@ class Server:
         the entry's deadline passes: timeout, outcome unknown).  Loop thread; never blocks."""
         if not self.node.is_leader():
             self._inflight -= 1
+            writer.pending -= 1
             self._not_leader(writer, rid)
             return
         if kind == "submit":
@@ -254,12 +257,11 @@ class Server:
             command = {"type": "register_session"}
         else:
             command = {"type": "keep_alive", "session": body["session"]}
-        fut = self._batcher.add(command)
-        fut.add_done_callback(lambda f: self._write_done(f.result(), rid, writer))
+        self._batcher.add(command, rid, writer)
 
-    def _write_done(self, result: tuple, rid: int, writer) -> None:
+    def _write_done(self, code: int, reply: dict | None, index: int, rid: int, writer) -> None:
         self._inflight -= 1
-        code, reply, index = result
+        writer.pending -= 1
         if code == Code.TIMEOUT:
             self._reply(writer, rid, Code.TIMEOUT,
                         message="no commit within the request timeout; the outcome is unknown")
@@ -279,7 +281,7 @@ class Server:
             b = self._batcher
             if (self.node.is_leader() and not b.queue and not b.inflight
                     and time.monotonic() - b.last_propose >= IDLE_TICK_S):
-                b.add({"type": "tick"})
+                b.add({"type": "tick"}, 0, None)
 
     # --- reads ------------------------------------------------------------------------------
 
@@ -339,76 +341,88 @@ def _resolver(to_loop: Callable, fut: asyncio.Future) -> Callable:
 class _Batcher:
     """Group commit on the leader: commands that arrive while entries are in flight wait and go
     out together as the next entry.  At most `max_inflight_entries` entries are in flight, so an
-    idle leader proposes a lone request at once and a busy one batches."""
+    idle leader proposes a lone request at once and a busy one batches.
+
+    Each queued command carries the request id and connection its reply goes to (connection
+    None: the leader's own idle tick, answered to nobody).  An entry's replies are written
+    straight from the node's callback — no future, task or timer per request."""
 
     def __init__(self, server: Server):
         self.server = server
-        self.queue: list[tuple[dict, asyncio.Future]] = []
+        self.queue: collections.deque = collections.deque()  # (command, rid, conn)
         self.inflight = 0
         self.last_propose = 0.0
         self._scheduled = False
 
-    def add(self, command: dict) -> asyncio.Future:
-        fut = self.server._loop.create_future()
-        self.queue.append((command, fut))
-        if not self._scheduled and self.inflight < self.server.settings.max_inflight_entries:
+    def add(self, command: dict, rid: int, conn: "_Conn | None") -> None:
+        self.queue.append((command, rid, conn))
+        if not self.inflight and not self._scheduled:
+            self._flush()  # an idle leader: no entry to wait for, go now
+        elif not self._scheduled and self.inflight < self.server.settings.max_inflight_entries:
             # Let the requests already read from sockets in this loop turn join the entry.
             self._scheduled = True
             self.server._loop.call_soon(self._flush)
-        return fut
 
     def _flush(self) -> None:
         self._scheduled = False
         limit = self.server.settings.max_entry_bytes
-        while self.queue and self.inflight < self.server.settings.max_inflight_entries:
-            commands, futs, size = [], [], 0
-            while self.queue:
-                cmd, fut = self.queue[0]
-                n = len(cmd.get("events", ())) * 96 + 32  # a cheap size estimate
-                if commands and size + n > limit:
+        queue = self.queue
+        while queue and self.inflight < self.server.settings.max_inflight_entries:
+            items, size = [], 0
+            while queue:
+                n = len(queue[0][0].get("events", ())) * 96 + 32  # a cheap size estimate
+                if items and size + n > limit:
                     break
-                self.queue.pop(0)
-                commands.append(cmd)
-                futs.append(fut)
+                items.append(queue.popleft())
                 size += n
-            self._propose(commands, futs)
+            self._propose(items)
 
-    def _propose(self, commands: list, futs: list) -> None:
+    def _propose(self, items: list) -> None:
         server = self.server
         try:
-            payload = msgpack.packb([server.stamp(), commands], use_bin_type=True)
+            payload = msgpack.packb([server.stamp(), [it[0] for it in items]],
+                                    use_bin_type=True)
         except Exception as e:  # e.g. the HLC guard refused to stamp
-            for f in futs:
-                if not f.done():
-                    f.set_result((Code.NO_LEADER, None, 0))
             log.warning("not proposing: %s", e)
+            self._answer(items, Code.NO_LEADER, None, 0)
             return
         self.inflight += 1
         self.last_propose = time.monotonic()
-        loop = server._loop
-        to_loop = server.to_loop
         # One deadline for the whole entry: its requests time out together (outcome unknown:
         # the entry may still commit), and the in-flight slot stays taken until the node
         # answers, so a slow commit throttles proposing instead of piling up entries.
-        timer = loop.call_later(server.settings.request_timeout_s, self._expire, futs)
+        entry = [items, None]
+        entry[1] = server._loop.call_later(server.settings.request_timeout_s, self._expire, entry)
+        if server.node.runs_on(server._loop):
+            # Called on this loop's thread while the node applies: write the replies now,
+            # before the rest of the tick, not one loop pass later.
+            def on_result(code, replies, index):
+                self._resolved(entry, code, replies, index)
+        else:
+            to_loop = server.to_loop
 
-        def on_result(code, replies, index):
-            to_loop(self._resolved, futs, timer, code, replies, index)
+            def on_result(code, replies, index):
+                to_loop(self._resolved, entry, code, replies, index)
 
         server.node.propose(payload, on_result)
 
-    @staticmethod
-    def _expire(futs) -> None:
-        for f in futs:
-            if not f.done():
-                f.set_result((Code.TIMEOUT, None, 0))
+    def _answer(self, items: list, code, replies, index) -> None:
+        write_done = self.server._write_done
+        for i, (_, rid, conn) in enumerate(items):
+            if conn is not None:
+                write_done(code, replies[i] if replies is not None else None, index, rid, conn)
 
-    def _resolved(self, futs, timer, code, replies, index) -> None:
+    def _expire(self, entry: list) -> None:
+        items, entry[0] = entry[0], None
+        if items is not None:
+            self._answer(items, Code.TIMEOUT, None, 0)
+
+    def _resolved(self, entry: list, code, replies, index) -> None:
         self.inflight -= 1
-        timer.cancel()
-        for i, f in enumerate(futs):
-            if not f.done():
-                f.set_result((code, replies[i] if code == Code.OK else None, index))
+        entry[1].cancel()
+        items, entry[0] = entry[0], None
+        if items is not None:  # else: already answered `timeout`
+            self._answer(items, code, replies if code == Code.OK else None, index)
         if self.queue and not self._scheduled:
             self._scheduled = True
             self.server._loop.call_soon(self._flush)
@@ -447,6 +461,70 @@ class _ReadBarrier:
                 f.set_result((code, index))
         if self.waiting:
             self._start()
+
+
+class _Conn(asyncio.Protocol):
+    """One client connection: frames in (`wire.FrameBuffer`), replies out.  It stops reading
+    while the transport's write buffer is over its high-water mark, so a client that does not
+    read its replies stops being served instead of growing our memory."""
+
+    def __init__(self, server: Server):
+        self.server = server
+        self.frames = wire.FrameBuffer(server.settings.max_frame_bytes)
+        self.transport: asyncio.Transport | None = None
+        self.pending = 0  # requests read and not yet answered
+        self.last_active = self.frame_since = time.monotonic()
+        self._closing = False
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.server._conns.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        now = time.monotonic()
+        self.last_active = now
+        was_partial = self.frames.partial
+        try:
+            payloads = self.frames.feed(data)
+            dispatch = self.server._dispatch
+            for payload in payloads:
+                dispatch(payload, self)
+        except Exception:  # pragma: no cover - a bug here must not take the server down
+            log.exception("connection handler failed")
+            self.close()
+            return
+        if self.frames.error is not None:
+            # An oversized announcement: the stream is out of step.  Say why and close.
+            self.server._send(self, wire.reply(0, Code.INVALID_REQUEST,
+                                               message=str(self.frames.error)))
+            self.close()
+        elif self.frames.partial and (payloads or not was_partial):
+            self.frame_since = now  # the buffered frame started in this piece
+
+    def eof_received(self):
+        return False  # close our side too
+
+    def connection_lost(self, exc) -> None:
+        self._closing = True
+        self.server._conns.discard(self)
+
+    def pause_writing(self) -> None:
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if not self._closing:
+            self.transport.resume_reading()
+
+    def is_closing(self) -> bool:
+        return self._closing or self.transport is None or self.transport.is_closing()
+
+    def write(self, frame: bytes) -> None:
+        self.transport.write(frame)
+
+    def close(self) -> None:
+        self._closing = True
+        if self.transport is not None:
+            self.transport.close()
 
 
 # --- The node process ---------------------------------------------------------------------------

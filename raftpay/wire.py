@@ -128,6 +128,62 @@ def reply(id: int, code: int, /, **fields: Any) -> bytes:
     return encode(REPLY, id, {"code": int(code), **fields})
 
 
+# --- Framing for protocol-style readers ----------------------------------------------------------
+
+
+class FrameBuffer:
+    """Splits a byte stream into frame payloads, incrementally (sans-I/O: the asyncio protocols
+    of the server and the async client feed it whatever `data_received` got).
+
+    `feed(data)` returns the payloads completed by `data`, in order.  A prefix announcing more
+    than `max_bytes` sets `error` (a `FrameTooLarge`) and stops the buffer: the stream is out of
+    step, close it.  Frames before the bad prefix are still returned.  A frame arriving in many
+    pieces is joined once, when its last piece arrives, not re-copied per piece.
+    """
+
+    __slots__ = ("max_bytes", "error", "_buf", "_need")
+
+    def __init__(self, max_bytes: int = MAX_FRAME_BYTES):
+        self.max_bytes = max_bytes
+        self.error: FrameTooLarge | None = None
+        self._buf = bytearray()
+        self._need = 0  # bytes the buffered frame needs before it can be parsed further
+
+    @property
+    def partial(self) -> bool:
+        """True while part of a frame is buffered (the server times such frames out)."""
+        return bool(self._buf)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if self.error is not None:
+            return []
+        buf = self._buf
+        if buf:
+            buf += data
+            if len(buf) < self._need:
+                return []
+            data = bytes(buf)
+            buf.clear()
+        out = []
+        pos, n, limit = 0, len(data), self.max_bytes
+        while n - pos >= PREFIX_BYTES:
+            size = int.from_bytes(data[pos:pos + PREFIX_BYTES], "big")
+            if size > limit:
+                self.error = FrameTooLarge(f"frame announces {size} bytes; the limit is {limit}")
+                return out
+            end = pos + PREFIX_BYTES + size
+            if end > n:
+                self._need = end - pos
+                break
+            out.append(data[pos + PREFIX_BYTES:end])
+            pos = end
+        else:
+            self._need = PREFIX_BYTES
+        if pos < n:
+            buf += memoryview(data)[pos:]
+        return out
+
+
 # --- Decoding -------------------------------------------------------------------------------------
 
 

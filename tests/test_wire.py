@@ -475,3 +475,31 @@ def test_sync_deadline_covers_the_whole_frame(pair):
         wire.recv_frame(b, timeout_s=0.2)
     assert 0.18 <= time.monotonic() - started < 3
     assert b.gettimeout() is None
+
+
+# --- FrameBuffer: the protocols' incremental splitter ------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(bodies=st.lists(st.binary(max_size=300), min_size=1, max_size=6),
+       cuts=st.lists(st.integers(min_value=0, max_value=2000), max_size=12))
+def test_frame_buffer_returns_every_frame_whatever_the_pieces(bodies, cuts):
+    stream = b"".join(wire.PREFIX.pack(len(b)) + b for b in bodies)
+    edges = sorted({0, len(stream), *(c % (len(stream) + 1) for c in cuts)})
+    fb = wire.FrameBuffer(1000)
+    got = []
+    for a, b in zip(edges, edges[1:]):
+        got += fb.feed(stream[a:b])
+    assert got == bodies and not fb.partial and fb.error is None
+
+
+def test_frame_buffer_flags_a_partial_frame_and_an_oversized_announcement():
+    fb = wire.FrameBuffer(100)
+    frame = wire.encode("ping", 7, {})
+    assert fb.feed(frame[:3]) == [] and fb.partial
+    assert [wire.decode(p).id for p in fb.feed(frame[3:])] == [7] and not fb.partial
+    # A good frame, then a prefix announcing 101 bytes: the good one still comes out.
+    out = fb.feed(frame + wire.PREFIX.pack(101) + b"x")
+    assert [wire.decode(p).id for p in out] == [7]
+    assert isinstance(fb.error, FrameTooLarge) and "101" in str(fb.error)
+    assert fb.feed(frame) == []  # a stopped buffer stays stopped
