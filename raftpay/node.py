@@ -64,6 +64,10 @@ SNAPSHOT_VERSION = 1
 
 FSYNC_POLICIES = ("always", "never")
 
+#: A leader tells followers a new commit index with its next appendEntries round; when no round
+#: goes out for this long after a commit, it sends one for the commit alone.
+COMMIT_NOTIFY_S = 0.002
+
 
 class FatalNodeError(RuntimeError):
     """The replica cannot go on without risking divergence (the apply raised, a committed entry
@@ -890,6 +894,7 @@ class Node:
         self._loop_thread_id: int | None = None
         self._tick_scheduled = False
         self._timer = None
+        self._commit_notify_at = 0.0  # leader: when a commit-only round is due (0: none)
 
         # Handed from any thread to the Raft thread.
         self._inbox_proposals: collections.deque = collections.deque()
@@ -1177,7 +1182,9 @@ class Node:
         so = self._so
         while not self._stopping:
             try:
-                so.rp_tick(self._tick_wait_s)
+                due = self._commit_notify_at
+                so.rp_tick(self._tick_wait_s if not due else
+                           min(self._tick_wait_s, max(0.0, due - time.monotonic())))
             except FatalNodeError as e:
                 self._fatal = e
                 log.critical("%s: stopping: %s", self.node_id, e)
@@ -1311,8 +1318,22 @@ class Node:
         is_leader = so.rp_is_leader()
         appended = self._take_proposals(so, is_leader)
         need_round = self._take_reads(so, is_leader)
-        if is_leader and (appended or need_round or so.rp_commit_unsent()):
+        if is_leader and (appended or need_round):
             so.rp_send_round()
+            self._commit_notify_at = 0.0
+        elif is_leader and so.rp_commit_unsent():
+            # Followers learn a new commit index with the next round.  Under load that is the
+            # next entry's, a moment away; a round of its own right after every commit cost two
+            # messages and two acknowledgements per entry and delayed the replies of the tick.
+            # If nothing else goes out within COMMIT_NOTIFY_S, a round goes for it alone (so a
+            # follower read waiting for a version is not kept waiting for a heartbeat).
+            if not self._commit_notify_at:
+                self._commit_notify_at = now + COMMIT_NOTIFY_S
+                if self._loop is not None:
+                    self._loop.call_later(COMMIT_NOTIFY_S, self._schedule_tick)
+            elif now >= self._commit_notify_at:
+                so.rp_send_round()
+                self._commit_notify_at = 0.0
         # The leader's own write overlaps the followers' (Raft §10.2.1); it is done before the
         # next tick's commit computation counts this leader.
         so._rp_journal_sync()
