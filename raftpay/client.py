@@ -432,42 +432,57 @@ class Client(_Api):
 
 # --- asyncio client -----------------------------------------------------------------------------
 
-class _AsyncConn:
-    """One pipelined connection: many requests in flight, replies matched by id."""
+class _AsyncConn(asyncio.Protocol):
+    """One pipelined connection: many requests in flight, replies matched by id.  A protocol
+    (frames split by `wire.FrameBuffer`), so a reply costs no task and no stream read."""
 
-    def __init__(self, reader, writer, max_frame_bytes: int):
-        self.reader, self.writer = reader, writer
-        self.waiters: dict[int, asyncio.Future] = {}
+    def __init__(self, max_frame_bytes: int):
+        self.frames = wire.FrameBuffer(max_frame_bytes)
         self.max_frame_bytes = max_frame_bytes
-        self.reader_task = asyncio.create_task(self._read_loop())
+        self.waiters: dict[int, asyncio.Future] = {}
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
 
-    async def _read_loop(self) -> None:
-        error: BaseException = ConnectionError("connection closed")
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
         try:
-            while True:
-                payload = await wire.read_frame(self.reader, self.max_frame_bytes)
-                if payload is None:
-                    break
+            for payload in self.frames.feed(data):
                 env = wire.decode(payload, self.max_frame_bytes)
                 fut = self.waiters.pop(env.id, None)
                 if fut is not None and not fut.done():
                     fut.set_result(env)
-        except (OSError, ProtocolError, asyncio.IncompleteReadError) as e:
-            error = e
-        finally:
-            for fut in self.waiters.values():
-                if not fut.done():
-                    fut.set_exception(error)
-            self.waiters.clear()
-            self.writer.close()
+        except ProtocolError as e:
+            self._fail(e)
+            return
+        if self.frames.error is not None:
+            self._fail(self.frames.error)
 
-    @property
-    def closed(self) -> bool:
-        return self.reader_task.done()
+    def connection_lost(self, exc) -> None:
+        self._fail(exc or ConnectionError("connection closed"))
+
+    def _fail(self, error: BaseException) -> None:
+        self.closed = True
+        waiters, self.waiters = self.waiters, {}
+        for fut in waiters.values():
+            if not fut.done():
+                fut.set_exception(error)
+        if self.transport is not None:
+            self.transport.close()
+
+    def write(self, frame: bytes) -> None:
+        if self.closed:
+            raise ConnectionError("connection closed")
+        self.transport.write(frame)
 
     def close(self) -> None:
-        self.reader_task.cancel()
-        self.writer.close()
+        self._fail(ConnectionError("connection closed"))
+
+
+def _expire(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError("no reply within the attempt timeout"))
 
 
 class AsyncClient(_Api):
@@ -542,30 +557,37 @@ class AsyncClient(_Api):
 
     async def _open(self, addr: str, timeout_s: float) -> _AsyncConn:
         host, _, port = addr.rpartition(":")
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, int(port), limit=2 ** 16), timeout_s)
-        sock = writer.get_extra_info("socket")
+        loop = asyncio.get_running_loop()
+        _, conn = await asyncio.wait_for(loop.create_connection(
+            lambda: _AsyncConn(self._max_frame_bytes), host, int(port)), timeout_s)
+        sock = conn.transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = _AsyncConn(reader, writer, self._max_frame_bytes)
         self._conns[addr] = conn
         return conn
 
     async def _roundtrip(self, step: _Send):
         sent = False
+        timer = None
         try:
             conn = await self._conn(step.addr, step.timeout_s)
-            fut = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            fut = loop.create_future()
             conn.waiters[step.rid] = fut
             sent = True
-            conn.writer.write(step.frame)
-            return await asyncio.wait_for(fut, step.timeout_s)
+            conn.write(step.frame)
+            # One timer handle, not wait_for's task and cancellation machinery per request.
+            timer = loop.call_later(step.timeout_s, _expire, fut)
+            return await fut
         except (OSError, ProtocolError, asyncio.TimeoutError, TimeoutError,
                 asyncio.IncompleteReadError) as e:
             conn = self._conns.pop(step.addr, None)
             if conn is not None:
                 conn.close()
             return _Failed(e, sent)
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     async def close(self) -> None:
         for conn in self._conns.values():

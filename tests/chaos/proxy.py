@@ -7,8 +7,9 @@ the nodes stay on loopback, each node is told its peers' Raft addresses as *prox
 (`ports_for` picks them so exactly one side of every pair connects, as without a proxy), and
 the proxy rewrites that first message to the name the accepting node knows the connecting one
 by.  That needs node-to-node traffic without encryption (no cluster secret), which the config
-allows on loopback.  Frames are PySyncObj's: a 4-byte native-endian length, then
-zlib(pickle(message)); only the first frame is ever opened, and only to read a string.
+allows on loopback.  Frames are raftpay's (`node._RaftpayConnection`): a 4-byte native-endian
+length, then a type byte and pickle(message); only the first frame is ever opened, and only to
+read a string.
 
 Everything else is forwarded frame by frame, so faults act on whole Raft messages, per
 direction of each pair (`set_link(src, dst, ...)`):
@@ -31,10 +32,11 @@ import random
 import struct
 import threading
 import time
-import zlib
 from dataclasses import dataclass
 
 import pysyncobj.pickle as pso_pickle
+
+from raftpay.node import _FRAME_PLAIN
 
 HEADER = struct.Struct("i")  # PySyncObj's own framing (tcp_connection.py)
 MAX_FRAME = 64 * 1024 * 1024
@@ -260,10 +262,12 @@ class FaultProxy:
 def _rewrite_intro(body: bytes, intro_from: str, intro_to: str) -> bytes:
     """The connecting node's first message is its own address; replace it by the name the
     accepting node knows it by.  Anything else passes unchanged."""
+    if body[:1] != _FRAME_PLAIN:
+        return body
     try:
-        msg = _StrOnly(io.BytesIO(zlib.decompress(body))).load()
+        msg = _StrOnly(io.BytesIO(body[1:])).load()
     except Exception:
         return body
     if msg != intro_from:
         return body
-    return zlib.compress(pso_pickle.dumps(intro_to), 3)
+    return _FRAME_PLAIN + pso_pickle.dumps(intro_to)
