@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="where results.json, results.md and the PNGs go (default: %(default)s)")
     ap.add_argument("--only", default=None,
                     help="run only clusters whose label contains this (e.g. 3n-fsync-always), "
-                         "or 'bare' for the PySyncObj ceiling alone")
+                         "or 'echo' / 'bare' for the echo ceiling / the PySyncObj ceiling alone")
     ap.add_argument("--modes", default="raft",
                     help=f"comma-separated replication modes to measure ({', '.join(MODES)}); "
                          "modes other than raft get the same clusters as raft")
@@ -88,6 +88,7 @@ def _run(args, modes) -> int:
     results = runner.run(profile, args.argv, progress, only=args.only)
     paths = report.write_all(results, args.out)
     print(report.targets_text(results), file=sys.stderr)
+    print(report.ratios_text(results), file=sys.stderr)
     print(f"wrote {paths['md']} and {paths['json']} "
           f"({len(results.get('plots') or [])} plots) in {time.monotonic() - t0:.0f} s",
           file=sys.stderr)

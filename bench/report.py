@@ -2,8 +2,11 @@
 
 Design.  Everything here reads the plain results dict that `runner.run` builds; nothing measures.
 `check_targets` compares the figures with the targets of issue 4 and says pass/fail beside each
-figure, in the markdown and on stderr.  Plots need matplotlib (the `bench` extra); without it
-the JSON and markdown are still written and the markdown says the plots were skipped.
+figure, in the markdown and on stderr; `ratios` divides figures by others of the same run
+(raftpay / bare PySyncObj, Raft / ZooKeeper mode for throughput and failover time, raftpay / the
+echo ceiling), which on a shared machine say more than absolute figures.  Plots need matplotlib
+(the `bench` extra); without it the JSON and markdown are still written and the markdown says
+the plots were skipped.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import statistics
 
+from .echo import LABEL as ECHO_LABEL
 from .hist import Histogram
 
 #: Issue 4's targets.
@@ -22,6 +27,9 @@ TARGETS = {
     "batch8000_per_s": 100_000,
     "fsync_ratio": 0.7,  # fsync=always throughput >= 70% of fsync=never
 }
+
+#: Failover time (median unavailability window) of Raft over that of the ZooKeeper mode.
+FAILOVER_RATIO_TARGET = 0.5
 
 
 def _find(results: dict, cluster: str, spec_name: str, op: str = "transfer") -> dict | None:
@@ -73,29 +81,88 @@ def check_targets(results: dict) -> list[dict]:
     return rows
 
 
+def _ratio(group: str, what: str, value, reference, nd: int = 3,
+           target: float | None = None) -> dict:
+    r = round(value / reference, nd)
+    return {"group": group, "what": what, "value": value, "reference": reference, "ratio": r,
+            "target": None if target is None else f"<= {target}",
+            "ok": None if target is None else r <= target}
+
+
+def median_unavailable(results: dict, cluster: str) -> tuple[float | None, int, int]:
+    """(median unavailability window in s, runs with a window, failover runs) of `cluster`.
+    A run with no success after the kill within the observed time has no window."""
+    runs = [f for f in results.get("failover") or [] if f["cluster"] == cluster]
+    xs = [f["unavailable_s"] for f in runs if f.get("unavailable_s") is not None]
+    return (statistics.median(xs) if xs else None), len(xs), len(runs)
+
+
+def mode_pairs(results: dict) -> list[tuple[str, str]]:
+    """(Raft cluster, cluster of another mode with the same nodes and fsync) for every such
+    pair in the run, from `results["clusters"]` (the echo ceiling is no mode)."""
+    cl = results.get("clusters") or {}
+    pairs = []
+    for a, ca in sorted(cl.items()):
+        if ca.get("mode") != "raft":
+            continue
+        for b, cb in sorted(cl.items()):
+            if cb.get("mode") not in ("raft", "echo") and (cb.get("nodes"), cb.get("fsync")) \
+                    == (ca.get("nodes"), ca.get("fsync")):
+                pairs.append((a, b))
+    return pairs
+
+
 def ratios(results: dict) -> list[dict]:
-    """raftpay figures divided by the bare PySyncObj ceiling of the same run."""
+    """Figures divided by others of the same run, one dict each: `group`, `what`, `value`,
+    `reference`, `ratio`, and `target`/`ok` where there is a target.  Groups: raftpay / bare
+    PySyncObj; Raft / ZooKeeper mode (64-client and 8k-batch throughput, and failover time =
+    median unavailability window, target <= 0.5); raftpay / the echo ceiling at 64 clients."""
     out = []
     bare = results.get("bare", {})
     main = detail_label(results)
     thr = bare.get("default/throughput")
     lat = bare.get("no-batch/latency")
-    for label in sorted({r["cluster"] for r in results["runs"]}):
+    labels = sorted({r["cluster"] for r in results["runs"] if r.get("mode") != "echo"})
+    g = "raftpay / bare PySyncObj"
+    for label in labels:
         c64 = _find(results, label, "conc64")
         if thr and c64 and thr["per_s"]:
-            out.append({"what": f"{label}: 64 clients transfers/s / bare commands/s",
-                        "raftpay": c64["per_s"], "bare": thr["per_s"],
-                        "ratio": round(c64["per_s"] / thr["per_s"], 3)})
+            out.append(_ratio(g, f"{label}: 64 clients transfers/s / bare commands/s",
+                              c64["per_s"], thr["per_s"]))
         b = _find(results, label, "batch8000")
         if thr and b and thr["per_s"]:
-            out.append({"what": f"{label}: batched 8k transfers/s / bare commands/s",
-                        "raftpay": b["per_s"], "bare": thr["per_s"],
-                        "ratio": round(b["per_s"] / thr["per_s"], 3)})
+            out.append(_ratio(g, f"{label}: batched 8k transfers/s / bare commands/s",
+                              b["per_s"], thr["per_s"]))
     r = _find(results, main, "latency")
     if lat and r and lat["latency"]["p50_ms"]:
-        out.append({"what": f"{main}: single-client p50 / bare appendEntriesUseBatch=False p50",
-                    "raftpay": r["latency"]["p50_ms"], "bare": lat["latency"]["p50_ms"],
-                    "ratio": round(r["latency"]["p50_ms"] / lat["latency"]["p50_ms"], 2)})
+        out.append(_ratio(g, f"{main}: single-client p50 ms / bare appendEntriesUseBatch=False "
+                             "p50 ms", r["latency"]["p50_ms"], lat["latency"]["p50_ms"], 2))
+    g = "Raft / ZooKeeper mode"
+    for a, b in mode_pairs(results):
+        for spec_name, what in (("conc64", "64 clients"), ("batch8000", "batched 8k")):
+            ra, rb = _find(results, a, spec_name), _find(results, b, spec_name)
+            if ra and rb and rb["per_s"]:
+                out.append(_ratio(g, f"throughput, {what}: {a} / {b} (transfers/s)",
+                                  ra["per_s"], rb["per_s"]))
+        (ma, na, ta), (mb, nb, tb) = median_unavailable(results, a), median_unavailable(results, b)
+        if ma is not None and mb:
+            note = "" if (na, nb) == (ta, tb) else \
+                f"; runs with no success after the kill left out: {ta - na} and {tb - nb}"
+            out.append(_ratio(g, f"failover time: {a} / {b} (median unavailable s, {na} and "
+                                 f"{nb} runs{note})", ma, mb, 2, FAILOVER_RATIO_TARGET))
+        elif ta or tb:
+            out.append({"group": g, "what": f"failover time: {a} / {b} (no unavailability "
+                                             "window measured on one side)",
+                        "value": ma, "reference": mb, "ratio": None,
+                        "target": f"<= {FAILOVER_RATIO_TARGET}", "ok": None})
+    g = "raftpay / echo ceiling"
+    echo64 = _find(results, ECHO_LABEL, "conc64")
+    if echo64 and echo64["per_s"]:
+        for label in labels:
+            c64 = _find(results, label, "conc64")
+            if c64:
+                out.append(_ratio(g, f"{label}: 64 clients transfers/s / {ECHO_LABEL} at 64 "
+                                     "clients", c64["per_s"], echo64["per_s"]))
     return out
 
 
@@ -138,6 +205,10 @@ def _fmt(v, nd: int = 2) -> str:
     return str(v)
 
 
+def _fmt_num(v) -> str:
+    return _fmt(float(v)) if isinstance(v, (int, float)) else _fmt(v)
+
+
 def _cores(c: dict | None) -> str:
     if not c:
         return "–"
@@ -161,8 +232,13 @@ def markdown(results: dict) -> str:
          "- clusters are real node processes on 127.0.0.1 (Raft mode, node traffic encrypted "
          "with the cluster secret), started and stopped by the harness; clients are the "
          "project's own (`Client` for the latency row, `AsyncClient` otherwise, one per logical "
-         "client, with sessions); load generators are separate processes on the same 2 cores.",
-         ""]
+         "client, with sessions); load generators are separate processes on the same 2 cores."]
+    if any(r.get("mode") == "echo" for r in results["runs"]):
+        L.append(f"- `{ECHO_LABEL}` rows: `bench/echo.py`, one process that answers the same "
+                 "client protocol with code 0 per event and does nothing else (no replication, "
+                 "no ledger, no fsync), driven by the same clients and load generator: what this "
+                 "machine does at all for request/reply over loopback with this client.")
+    L.append("")
     L += ["## Targets (issue 4)", "", "| target | wanted | measured | result | where |",
           "|---|---|---|---|---|"]
     for t in check_targets(results):
@@ -202,9 +278,21 @@ def markdown(results: dict) -> str:
                      + (f" (e.g. {ex[0]!r})" if ex else ""))
     if results.get("failover"):
         L += ["", "## Failover (kill -9 of the leader under steady load)", "",
-              "Unavailable = last success before the kill → first success after it.  Back to "
+              "On the detail cluster and on the cluster of each other mode with the same nodes "
+              "and fsync (for zk-election the leader is the ZooKeeper-elected primary).  "
+              "Unavailable = last success before the kill → first success after it (replies "
+              "the old leader sent before it died that reach a client up to 0.25 s after the "
+              "kill count as before: `runner.analyse_failover`).  Back to "
               "full = from the kill to the start of the first 1 s window with ≥ 90% of the "
-              "pre-kill rate.", "",
+              "pre-kill rate.", ""]
+        for label in dict.fromkeys(f["cluster"] for f in results["failover"]):
+            med, n, runs = median_unavailable(results, label)
+            backs = [f["recovered_after_s"] for f in results["failover"]
+                     if f["cluster"] == label and f["recovered_after_s"] is not None]
+            back = f"{_fmt(statistics.median(backs))} s" if backs else "–"
+            L.append(f"- {label}: median unavailable {_fmt(med)} s over {n} of {runs} runs; "
+                     f"median back to full {back} ({len(backs)} of {runs} runs got there)")
+        L += ["",
               "| cluster | run | clients | killed → new leader | pre-kill transfers/s | "
               "unavailable s | kill → first success s | new leader seen after s | "
               "back to full s | errors | restarted node caught up after s |",
@@ -235,12 +323,16 @@ def markdown(results: dict) -> str:
                      f"{sum(b['errors'].values())} | "
                      + (", ".join(f"{k} × {v}" for k, v in b.get("upstream_log", {}).items())
                         or "clean") + " |")
-        rs = ratios(results)
-        if rs:
-            L += ["", "| raftpay / bare (same run) | raftpay | bare | ratio |", "|---|---|---|---|"]
-            for r in rs:
-                L.append(f"| {r['what']} | {_fmt(float(r['raftpay']))} | {_fmt(float(r['bare']))}"
-                         f" | {r['ratio']} |")
+    rs = ratios(results)
+    if rs:
+        L += ["", "## Ratios (same run)", "",
+              "| group | what | value | reference | ratio | target |",
+              "|---|---|---|---|---|---|"]
+        for r in rs:
+            tgt = f"{r['target']}: {_ok(r['ok'])}" if r["target"] else ""
+            ratio = "–" if r["ratio"] is None else r["ratio"]
+            L.append(f"| {r['group']} | {r['what']} | {_fmt_num(r['value'])} | "
+                     f"{_fmt_num(r['reference'])} | {ratio} | {tgt} |")
     profs = [p for p in results.get("profiles") or [] if "skipped" not in p]
     if profs:
         L += ["", "## Where the leader's CPU goes (py-spy --gil)", "",
@@ -304,7 +396,9 @@ def plots(results: dict, out_dir: str) -> list[str]:
         pts = sorted((r["clients"], r["per_s"]) for r in runs
                      if r["cluster"] == label and r["spec_name"].startswith("conc"))
         if pts:
-            ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+            style = (dict(color="black", ls=":", marker="^") if label == ECHO_LABEL
+                     else dict(marker="o"))
+            ax1.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **style)
         pts = sorted((r["events_per_request"], r["per_s"]) for r in runs
                      if r["cluster"] == label and r["kind"] == "batch")
         if pts:
@@ -364,37 +458,9 @@ def plots(results: dict, out_dir: str) -> list[str]:
     plt.close(fig)
     written.append("latency_cdf.png")
 
-    # 3. Failover timeline.
+    # 3. Failover timeline, one panel per cluster (Raft and its ZooKeeper-mode counterpart).
     if results.get("failover"):
-        fig, ax = plt.subplots(figsize=(10, 5))
-        for f in results["failover"]:
-            pts = f.get("timeline_50ms") or []
-            if not pts:
-                continue
-            # 250 ms moving average of the 50 ms buckets: readable, still shows the gap.
-            xs = [p[0] for p in pts]
-            ys = [p[1] for p in pts]
-            sm = [sum(ys[max(0, i - 2):i + 3]) / len(ys[max(0, i - 2):i + 3])
-                  for i in range(len(ys))]
-            line, = ax.plot(xs, sm, lw=1.2,
-                            label=f"run {f['run']}: {f['killed']}→{f['new_leader']}, "
-                                  f"unavailable {f['unavailable_s']} s, back to full "
-                                  f"{f['recovered_after_s']} s")
-            if f.get("unavailable_s") and f.get("kill_to_first_success_s") is not None:
-                end = f["kill_to_first_success_s"]
-                ax.axvspan(end - f["unavailable_s"], end, color=line.get_color(), alpha=0.12)
-        ax.axvline(0, color="red", ls="--", lw=1, label="leader killed (SIGKILL)")
-        ax.set_xlabel("seconds since the leader was killed")
-        ax.set_ylabel("successful transfers per second (250 ms average)")
-        ax.set_title(f"Failover under load ({results['failover'][0]['cluster']}, "
-                     f"{results['failover'][0]['clients']} clients); shaded: no successes")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.text(0.01, 0.01, foot, fontsize=7)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "failover_timeline.png"), dpi=110)
-        plt.close(fig)
-        written.append("failover_timeline.png")
+        written.append(_failover_plot(plt, results, out_dir, foot))
 
     # 4. Throughput over time (1 s buckets) for every run of the detail cluster.
     main = detail_label(results)
@@ -416,6 +482,77 @@ def plots(results: dict, out_dir: str) -> list[str]:
         plt.close(fig)
         written.append("throughput_over_time.png")
     return written
+
+
+_MODE_NAMES = {"raft": "Raft", "zk-election": "ZooKeeper-elected primary"}
+
+
+def _failover_plot(plt, results: dict, out_dir: str, foot: str) -> str:
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    by_cluster: dict[str, list[dict]] = {}
+    for f in results["failover"]:
+        by_cluster.setdefault(f["cluster"], []).append(f)
+    n = len(by_cluster)
+    fig, axes = plt.subplots(n, 1, figsize=(12, 3.8 * n + 0.8), sharex=True, sharey=True,
+                             squeeze=False)
+    for ax, (label, rows) in zip(axes[:, 0], by_cluster.items()):
+        mode = rows[0].get("mode") or results.get("clusters", {}).get(label, {}).get("mode")
+        for f in rows:
+            pts = f.get("timeline_50ms") or []
+            if not pts:
+                continue
+            # 250 ms moving average of the 50 ms buckets: readable, still shows the gap.
+            xs = [p[0] for p in pts]
+            ys = [p[1] for p in pts]
+            sm = [sum(ys[max(0, i - 2):i + 3]) / len(ys[max(0, i - 2):i + 3])
+                  for i in range(len(ys))]
+            back = f["recovered_after_s"]
+            line, = ax.plot(xs, sm, lw=1.2,
+                            label=f"run {f['run']}: {f['killed']} → {f['new_leader'] or '?'}; "
+                                  f"unavailable {_fmt(f['unavailable_s'])} s, back to full "
+                                  f"{'never' if back is None else _fmt(back)} s")
+            color = line.get_color()
+            if f.get("unavailable_s") and f.get("kill_to_first_success_s") is not None:
+                end = f["kill_to_first_success_s"]
+                ax.axvspan(end - f["unavailable_s"], end, color=color, alpha=0.12)
+
+            def at(x: float) -> float:
+                return sm[min(range(len(xs)), key=lambda i: abs(xs[i] - x))]
+
+            if f.get("leader_seen_after_s") is not None:
+                x = f["leader_seen_after_s"]
+                ax.plot([x], [at(x)], marker="^", ms=9, color=color, ls="none", mec="black",
+                        clip_on=False, zorder=5)
+            if back is not None:
+                ax.plot([back], [at(back)], marker="o", ms=7, color=color, ls="none",
+                        mec="black", clip_on=False, zorder=5)
+        ax.axvline(0, color="red", ls="--", lw=1)
+        med, k, runs = median_unavailable(results, label)
+        ax.set_title(f"{_MODE_NAMES.get(mode, mode)} ({label}): median unavailable "
+                     f"{_fmt(med)} s over {k} of {runs} runs", fontsize=10)
+        ax.set_ylabel("successful transfers/s\n(250 ms moving average)")
+        ax.grid(True, alpha=0.3)
+        ax.set_ylim(bottom=0)
+        handles, _ = ax.get_legend_handles_labels()
+        handles += [Line2D([], [], color="red", ls="--", lw=1, label="kill -9 of the leader"),
+                    Patch(color="gray", alpha=0.25, label="shaded: no successful transfer\n"
+                          "(last success before the kill → first after)"),
+                    Line2D([], [], color="gray", marker="^", mec="black", ls="none",
+                           label="harness first saw the new leader"),
+                    Line2D([], [], color="gray", marker="o", mec="black", ls="none",
+                           label="back to full: first 1 s window\nat ≥ 90% of the pre-kill rate")]
+        ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    axes[-1, 0].set_xlabel("seconds since the leader was killed (kill -9 at 0)")
+    first = results["failover"][0]
+    fig.suptitle(f"Failover under steady load: {first['clients']} clients x 1 transfer/request,"
+                 f" the leader killed with SIGKILL at t = 0", fontsize=11)
+    fig.text(0.01, 0.005, foot, fontsize=7)
+    fig.tight_layout(rect=(0, 0.02, 1, 1))
+    fig.savefig(os.path.join(out_dir, "failover_timeline.png"), dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return "failover_timeline.png"
 
 
 def write_all(results: dict, out_dir: str) -> dict[str, str]:
@@ -448,4 +585,13 @@ def targets_text(results: dict) -> str:
     for t in check_targets(results):
         lines.append(f"  {_ok(t['ok']):4}  {t['target']:<34} wanted {t['wanted']:<28} "
                      f"measured {t['measured'] or '–':<14} ({t['where']})")
+    return "\n".join(lines)
+
+
+def ratios_text(results: dict) -> str:
+    lines = ["ratios (same run):"]
+    for r in ratios(results):
+        tgt = f"  (target {r['target']}: {_ok(r['ok'])})" if r["target"] else ""
+        ratio = "–" if r["ratio"] is None else r["ratio"]
+        lines.append(f"  {r['group']:<24} {ratio!s:>7}  {r['what']}{tgt}")
     return "\n".join(lines)

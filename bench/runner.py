@@ -1,10 +1,13 @@
-"""The benchmark plan and its execution: profiles, workloads per cluster, failover, the ceiling.
+"""The benchmark plan and its execution: profiles, workloads per cluster, failover, the ceilings.
 
 Design.  A `Profile` is data: which clusters (mode x nodes x fsync), which workloads with which
 sizes and durations, how many failover repeats, which bare-PySyncObj runs.  `run(profile)` walks
 it: for each cluster it starts the nodes, creates the accounts, runs the workloads
 (`load.run_load`), optionally samples the leader with py-spy, kills leaders for failover, stops
-the cluster, and finally measures the bare PySyncObj ceiling.  Every figure lands in one plain
+the cluster; then it runs the same "N clients x 1 transfer/request" workloads against the echo
+server (`echo`, the loopback ceiling) and finally measures the bare PySyncObj ceiling.  Failover
+runs on the detail cluster and, so that modes compare like for like, on the cluster of every
+other mode with the same nodes and fsync (`failover_labels`).  Every figure lands in one plain
 dict (`results`) that `report` writes as JSON, markdown and plots.  A failing step is recorded as
 an error row and the run goes on, so one bad cluster does not cost the whole run.
 """
@@ -18,12 +21,13 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
+from typing import Callable
 
 from raftpay.client import Client
 from raftpay.codes import Code
 
-from . import bare, profiling
-from .clusters import BenchCluster, ClusterSpec
+from . import bare, echo, profiling
+from .clusters import BenchCluster, ClusterSpec, machine_busy_s, proc_cpu_s
 from .load import CURRENCY, LoadSpec, run_load
 
 
@@ -31,7 +35,9 @@ from .load import CURRENCY, LoadSpec, run_load
 class Profile:
     name: str
     clusters: list[ClusterSpec]
-    detail_cluster: str  # label of the cluster that also gets mix, contention, failover, profile
+    #: Label of the cluster that also gets mix, contention, failover and profile; its
+    #: counterparts in the other modes get failover too (`failover_labels`).
+    detail_cluster: str
     accounts: int = 10_000
     warmup_s: float = 2.0
     latency_s: float = 10.0
@@ -59,6 +65,8 @@ class Profile:
                                 ("batched 8,000 transfers/request", "batch", 4, 8000))
     bare_runs: list = field(default_factory=list)  # [(config, [(name, window, warm, dur)])]
     latency_other: bool = True
+    #: Client counts run against the echo server (`echo`); None: those of `concurrency`.
+    echo_clients: tuple[int, ...] | None = None
 
 
 def quick_profile(specs_extra: tuple[ClusterSpec, ...] = ()) -> Profile:
@@ -70,8 +78,10 @@ def quick_profile(specs_extra: tuple[ClusterSpec, ...] = ()) -> Profile:
         concurrency=(8, 64), concurrency_s=3.0, concurrency_other=(64,),
         batches=(1000,), batch_clients=2, batch_s=3.0, batches_other=(),
         mix_clients=8, mix_s=2.5, contention_clients=16, contention_s=2.5,
-        failover_runs=1, failover_clients=8, failover_before_s=2.0, failover_after_s=5.0,
-        profile_leader_s=0, latency_other=False,
+        # 7 s after the kill: zk-election needs its 4 s ZooKeeper session timeout, then 1 s at
+        # full rate, to show "back to full".
+        failover_runs=1, failover_clients=8, failover_before_s=2.0, failover_after_s=7.0,
+        profile_leader_s=0, latency_other=False, echo_clients=(64,),
         bare_runs=[("default", [("throughput", 5_000, 1.0, 2.5)]),
                    ("no-batch", [("latency", 1, 0.5, 2.0)])])
 
@@ -131,9 +141,28 @@ def _meta(profile: Profile, argv: list[str]) -> dict:
             "kernel": platform.release()}
 
 
-def _steps(profile: Profile) -> int:
+def failover_labels(profile: Profile) -> set[str]:
+    """Labels of the clusters that get failover runs: the detail cluster and, in every other
+    mode of the profile, the cluster with the same nodes and fsync.  Empty when the detail
+    cluster is not in the profile."""
+    detail = next((s for s in profile.clusters if s.label == profile.detail_cluster), None)
+    if detail is None:
+        return set()
+    return {s.label for s in profile.clusters
+            if s.label == detail.label or (s.mode != detail.mode and s.nodes == detail.nodes
+                                           and s.fsync == detail.fsync)}
+
+
+def _echo_clients(profile: Profile) -> tuple[int, ...]:
+    return profile.concurrency if profile.echo_clients is None else profile.echo_clients
+
+
+def _steps(profile: Profile, only: str | None = None) -> int:
     n = 0
+    failover = failover_labels(profile)
     for spec in profile.clusters:
+        if only and only not in spec.label:
+            continue
         detail = spec.label == profile.detail_cluster
         n += 1  # start + accounts
         n += 1 if (detail or profile.latency_other) else 0
@@ -142,15 +171,19 @@ def _steps(profile: Profile) -> int:
         n += len(profile.batches if detail or profile.batches_other is None
                  else profile.batches_other)
         if detail:
-            n += 3 + profile.failover_runs + (len(profile.profile_workloads)
-                                              if profile.profile_leader_s else 0)
-    n += sum(len(runs) for _, runs in profile.bare_runs)
+            n += 3 + (len(profile.profile_workloads) if profile.profile_leader_s else 0)
+        if spec.label in failover:
+            n += profile.failover_runs
+    if not only or "echo" in only:
+        n += len(_echo_clients(profile))
+    if not only or "bare" in only:
+        n += sum(len(runs) for _, runs in profile.bare_runs)
     return n
 
 
 def run(profile: Profile, argv: list[str], progress, only: str | None = None) -> dict:
     """Run `profile`; returns the results dict (see module docstring)."""
-    progress.total_steps = _steps(profile)
+    progress.total_steps = _steps(profile, only)
     results = {"meta": _meta(profile, argv), "runs": [], "failover": [], "bare": {},
                "profiles": [], "problems": [], "clusters": {},
                "detail_cluster": profile.detail_cluster}
@@ -162,6 +195,13 @@ def run(profile: Profile, argv: list[str], progress, only: str | None = None) ->
         except Exception as e:
             results["problems"].append(f"{spec.label}: {type(e).__name__}: {e}")
             progress.note(f"{spec.label} failed: {e}")
+            traceback.print_exc(file=sys.stderr)
+    if (not only or "echo" in only) and _echo_clients(profile):
+        try:
+            _run_echo(profile, results, progress)
+        except Exception as e:
+            results["problems"].append(f"{echo.LABEL}: {type(e).__name__}: {e}")
+            progress.note(f"{echo.LABEL} failed: {e}")
             traceback.print_exc(file=sys.stderr)
     if not only or "bare" in only:
         for config, runs in profile.bare_runs:
@@ -186,8 +226,30 @@ def _create_accounts(seeds: str, n: int) -> None:
                 raise RuntimeError(f"creating accounts failed: {bad[:3]}")
 
 
+def _measure(spec: ClusterSpec | EchoSpec, workload: str, ls: LoadSpec, results: dict, progress,
+             leader: str | None, cpu_sampler: Callable[[], dict]) -> dict | None:
+    """One `run_load`, its rows added to `results["runs"]`; None (and a problem) if it failed.
+    `spec` is a `ClusterSpec` or anything with its label, mode, nodes and fsync (`EchoSpec`)."""
+    progress.begin(f"{spec.label}: {workload}")
+    try:
+        res = run_load(ls, progress, cpu_sampler=cpu_sampler)
+    except Exception as e:
+        results["problems"].append(f"{spec.label} {workload}: {e}")
+        progress.done(f"FAILED: {e}")
+        return None
+    rows = _rows(spec, workload, ls, res, leader)
+    results["runs"].extend(rows)
+    main = rows[-1] if rows else None
+    if main:
+        progress.done(f"{main['per_s']:,.0f} {main['unit']}/s, p50 "
+                      f"{main['latency']['p50_ms']} ms, p99 {main['latency']['p99_ms']}"
+                      f" ms, errors {sum(main['errors'].values())}")
+    return res
+
+
 def _run_cluster(profile: Profile, spec: ClusterSpec, results: dict, progress) -> None:
     detail = spec.label == profile.detail_cluster
+    failover = spec.label in failover_labels(profile)
     progress.begin(f"{spec.label}: start cluster, create {profile.accounts:,} accounts")
     with BenchCluster(spec) as cluster:
         t_leader = cluster.start()
@@ -197,23 +259,10 @@ def _run_cluster(profile: Profile, spec: ClusterSpec, results: dict, progress) -
         progress.done(f"leader after {t_leader:.1f} s")
         base = dict(seeds=cluster.seeds, accounts=profile.accounts, warmup_s=profile.warmup_s)
 
-        def measure(workload: str, ls: LoadSpec, **extra) -> dict | None:
-            progress.begin(f"{spec.label}: {workload}")
+        def measure(workload: str, ls: LoadSpec) -> dict | None:
             lead = cluster.leader()
-            try:
-                res = run_load(ls, progress, cpu_sampler=lambda: cluster.sample(lead))
-            except Exception as e:
-                results["problems"].append(f"{spec.label} {workload}: {e}")
-                progress.done(f"FAILED: {e}")
-                return None
-            rows = _rows(spec, workload, ls, res, lead, **extra)
-            results["runs"].extend(rows)
-            main = rows[-1] if rows else None
-            if main:
-                progress.done(f"{main['per_s']:,.0f} {main['unit']}/s, p50 "
-                              f"{main['latency']['p50_ms']} ms, p99 {main['latency']['p99_ms']}"
-                              f" ms, errors {sum(main['errors'].values())}")
-            return res
+            return _measure(spec, workload, ls, results, progress, lead,
+                            lambda: cluster.sample(lead))
 
         if detail or profile.latency_other:
             measure("latency (1 blocking client)",
@@ -231,27 +280,62 @@ def _run_cluster(profile: Profile, spec: ClusterSpec, results: dict, progress) -
                     LoadSpec(f"batch{b}", "batch", clients=profile.batch_clients, batch=b,
                              procs=min(2, profile.batch_clients), duration_s=profile.batch_s,
                              **base))
-        if not detail:
-            return
-        for consistency in ("linearizable", "follower"):
-            measure(f"mix {int(profile.mix_read_fraction * 100)}% reads ({consistency})",
-                    LoadSpec(f"mix-{consistency}", "mix", clients=profile.mix_clients,
-                             read_fraction=profile.mix_read_fraction, consistency=consistency,
-                             follower_addrs=tuple(cluster.addr_of[n]
-                                                  for n in cluster.followers()),
-                             duration_s=profile.mix_s, **base))
-        measure(f"contention: {profile.contention_clients} clients on "
-                f"{profile.hot_accounts} hot accounts",
-                LoadSpec("contention", "transfer", clients=profile.contention_clients,
-                         duration_s=profile.contention_s,
-                         **dict(base, accounts=profile.hot_accounts)))
-        if profile.profile_leader_s:
-            _profile_leader(profile, spec, cluster, base, results, progress)
-        for i in range(profile.failover_runs):
-            _failover(profile, spec, cluster, base, results, progress, i)
+        if detail:
+            _detail_workloads(profile, spec, cluster, base, results, progress, measure)
+        if failover:
+            for i in range(profile.failover_runs):
+                _failover(profile, spec, cluster, base, results, progress, i)
 
 
-def _rows(spec: ClusterSpec, workload: str, ls: LoadSpec, res: dict, leader: str | None,
+def _detail_workloads(profile: Profile, spec: ClusterSpec, cluster: BenchCluster, base: dict,
+                      results: dict, progress, measure) -> None:
+    """Mix, contention and (with py-spy) the leader profile: the detail cluster only."""
+    for consistency in ("linearizable", "follower"):
+        measure(f"mix {int(profile.mix_read_fraction * 100)}% reads ({consistency})",
+                LoadSpec(f"mix-{consistency}", "mix", clients=profile.mix_clients,
+                         read_fraction=profile.mix_read_fraction, consistency=consistency,
+                         follower_addrs=tuple(cluster.addr_of[n]
+                                              for n in cluster.followers()),
+                         duration_s=profile.mix_s, **base))
+    measure(f"contention: {profile.contention_clients} clients on "
+            f"{profile.hot_accounts} hot accounts",
+            LoadSpec("contention", "transfer", clients=profile.contention_clients,
+                     duration_s=profile.contention_s,
+                     **dict(base, accounts=profile.hot_accounts)))
+    if profile.profile_leader_s:
+        _profile_leader(profile, spec, cluster, base, results, progress)
+
+
+@dataclass(frozen=True)
+class EchoSpec:
+    """What the result rows of the echo ceiling say in place of a `ClusterSpec`'s fields."""
+
+    label: str = echo.LABEL
+    mode: str = "echo"
+    nodes: int = 1
+    fsync: str = "n/a"
+
+
+def _run_echo(profile: Profile, results: dict, progress) -> None:
+    """The loopback ceiling: the "N clients x 1 transfer/request" workloads, same load
+    generator, against the echo server in a process of its own (`echo`)."""
+    spec = EchoSpec()
+    with echo.EchoServer() as server:
+
+        def sample() -> dict:
+            return {"echo": proc_cpu_s(server.pid), "_machine": machine_busy_s()}
+
+        for n in _echo_clients(profile):
+            _measure(spec, f"{n} clients x 1 transfer/request",
+                     LoadSpec(f"conc{n}", "transfer", seeds=server.addr, clients=n,
+                              accounts=profile.accounts, warmup_s=profile.warmup_s,
+                              duration_s=profile.concurrency_s),
+                     results, progress, "echo", sample)
+        if not server.alive():
+            results["problems"].append(f"{spec.label}: the echo server died during the run")
+
+
+def _rows(spec: ClusterSpec | EchoSpec, workload: str, ls: LoadSpec, res: dict, leader: str | None,
           **extra) -> list[dict]:
     rows = []
     cpu = dict(res.get("node_cpu_s") or {})
@@ -389,7 +473,8 @@ def _failover(profile, spec, cluster, base, results, progress, i: int) -> None:
         row = analyse_failover(res["times"], state["kill_t"], res["start_at"] + ls.warmup_s,
                                res["start_at"] + ls.warmup_s + ls.duration_s)
         o = res["ops"].get("transfer")
-        row.update(cluster=spec.label, run=i + 1, killed=lead, new_leader=state["new_leader"],
+        row.update(cluster=spec.label, mode=spec.mode, run=i + 1, killed=lead,
+                   new_leader=state["new_leader"],
                    leader_seen_after_s=(round(state["elected_t"] - state["kill_t"], 3)
                                         if state["elected_t"] else None),
                    clients=profile.failover_clients,
@@ -426,18 +511,30 @@ def _fine_series(o: dict, kill_t: float | None, start_at: float) -> list[tuple[f
 
 
 def analyse_failover(times: list[float], kill_t: float | None, measure_from: float,
-                     measure_to: float, window_s: float = 1.0, full_fraction: float = 0.9) -> dict:
+                     measure_to: float, window_s: float = 1.0, full_fraction: float = 0.9,
+                     late_s: float = 0.25) -> dict:
     """From sorted success completion times: the unavailability window (last success before the
     kill to first success after it), the baseline rate before the kill, and when a `window_s`
     window after the kill first reached `full_fraction` of that baseline (seconds from the
-    kill).  Pure."""
+    kill).  Pure.
+
+    Replies the old leader sent just before it died can reach the clients just after the kill;
+    they are successes from before the outage, not the end of it.  So the window is the longest
+    gap between consecutive successes that ends after the kill and starts no later than
+    `late_s` after it; with no success after that, there is no window (never recovered)."""
     import bisect
     if kill_t is None:
         return {"unavailable_s": None, "recovered_after_s": None, "baseline_per_s": None,
                 "note": "the leader was never killed"}
     i = bisect.bisect_left(times, kill_t)
-    last_before = times[i - 1] if i > 0 else None
-    first_after = times[i] if i < len(times) else None
+    j = bisect.bisect_right(times, kill_t + late_s)
+    if i == 0:  # no success before the kill
+        last_before, first_after = None, (times[0] if times else None)
+    elif j == len(times):  # nothing after the late replies: never recovered
+        last_before, first_after = times[i - 1], None
+    else:
+        k = max(range(i, j + 1), key=lambda k: times[k] - times[k - 1])
+        last_before, first_after = times[k - 1], times[k]
     base_from = max(measure_from, kill_t - 10.0)
     n_base = i - bisect.bisect_left(times, base_from)
     baseline = n_base / (kill_t - base_from) if kill_t > base_from else None

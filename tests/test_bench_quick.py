@@ -7,14 +7,16 @@ never how fast the ledger is.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import math
 import random
+import socket
 
 import pytest
 
-from bench import report, runner
+from bench import echo, report, runner
 from bench.clusters import MODES, BenchCluster, ClusterSpec
 from bench.hist import Histogram, Timeline, bucket_of, bucket_range
 from bench.progress import Progress
@@ -67,6 +69,104 @@ def test_timeline_and_failover_analysis():
     assert r["kill_to_first_success_s"] == pytest.approx(1.5)
     assert r["baseline_per_s"] == pytest.approx(100, rel=0.02)
     assert r["recovered_after_s"] == pytest.approx(1.5, abs=0.06)
+    # Replies the dead leader sent just before the kill, reaching clients just after it, are
+    # not the end of the outage.
+    late = runner.analyse_failover(sorted(times + [10.004, 10.01]), 10.0, 0.0, 15.5)
+    assert late["unavailable_s"] == pytest.approx(11.5 - 10.01, abs=1e-6)
+    assert late["kill_to_first_success_s"] == pytest.approx(1.5)
+    # Only those late replies and nothing after them: never recovered, no window.
+    never = runner.analyse_failover(times[:1000] + [10.004], 10.0, 0.0, 15.5)
+    assert never["unavailable_s"] is None and never["recovered_after_s"] is None
+
+
+def test_failover_runs_on_the_detail_cluster_and_its_counterpart_in_every_other_mode():
+    zk = (("zk_hosts", "127.0.0.1:1"),)
+    p = runner.quick_profile()
+    p.clusters = [ClusterSpec(n, f, m, zk if m != "raft" else ())
+                  for m in ("raft", "zk-election") for n, f in ((3, "always"), (3, "never"))]
+    assert runner.failover_labels(p) == {"3n-fsync-always", "zk-election-3n-fsync-always"}
+    p.detail_cluster = "5n-fsync-always"  # not in the profile
+    assert runner.failover_labels(p) == set()
+
+
+def _failover_row(cluster: str, mode: str, run: int, unavailable: float | None) -> dict:
+    return {"cluster": cluster, "mode": mode, "run": run, "unavailable_s": unavailable,
+            "recovered_after_s": None, "errors": {}}
+
+
+def _conc64_row(cluster: str, mode: str, per_s: float) -> dict:
+    return {"cluster": cluster, "mode": mode, "spec_name": "conc64", "op": "transfer",
+            "per_s": per_s}
+
+
+def test_ratios_failover_time_raft_over_zk_mode_and_the_echo_ceiling():
+    raft, zk = "3n-fsync-always", "zk-election-3n-fsync-always"
+    results = {
+        "detail_cluster": raft, "bare": {},
+        "clusters": {raft: {"mode": "raft", "nodes": 3, "fsync": "always"},
+                     zk: {"mode": "zk-election", "nodes": 3, "fsync": "always"},
+                     "3n-fsync-never": {"mode": "raft", "nodes": 3, "fsync": "never"}},
+        "failover": [_failover_row(raft, "raft", 1, 1.0), _failover_row(raft, "raft", 2, 3.0),
+                     _failover_row(raft, "raft", 3, 2.0), _failover_row(zk, "zk-election", 1, 4.0),
+                     _failover_row(zk, "zk-election", 2, None),
+                     _failover_row(zk, "zk-election", 3, 5.0)],
+        "runs": [_conc64_row(raft, "raft", 3000.0), _conc64_row(zk, "zk-election", 2000.0),
+                 _conc64_row(echo.LABEL, "echo", 12000.0)]}
+    assert report.median_unavailable(results, raft) == (2.0, 3, 3)
+    assert report.median_unavailable(results, zk) == (4.5, 2, 3)  # the None run is left out
+    rs = {(r["group"], r["what"].split(":")[0]): r for r in report.ratios(results)}
+    fo = rs[("Raft / ZooKeeper mode", "failover time")]
+    assert fo["ratio"] == round(2.0 / 4.5, 2) and fo["ok"] is True and fo["target"] == "<= 0.5"
+    assert raft in fo["what"] and zk in fo["what"]
+    thr = rs[("Raft / ZooKeeper mode", "throughput, 64 clients")]
+    assert thr["ratio"] == 1.5
+    assert rs[("raftpay / echo ceiling", raft)]["ratio"] == 0.25
+    assert rs[("raftpay / echo ceiling", zk)]["ratio"] == round(2000 / 12000, 3)
+    assert not any(r["what"].startswith(echo.LABEL) for r in report.ratios(results))
+    for f in results["failover"][3:]:
+        f["unavailable_s"] = 3.0  # Raft 2.0 s vs 3.0 s: misses the target
+    assert [r["ok"] for r in report.ratios(results) if "failover" in r["what"]] == [False]
+    text = report.ratios_text(results)
+    assert "failover time" in text and "FAIL" in text
+
+
+def test_echo_server_answers_the_real_clients_and_survives_garbage():
+    from raftpay import wire
+    from raftpay.client import AsyncClient, Client
+    from raftpay.codes import Code, RequestRejected
+
+    with echo.EchoServer() as server:
+        host, port = server.addr.rsplit(":", 1)
+        # Garbage: undecodable payloads get invalid_request with id 0; a frame announcing more
+        # than the limit closes that connection.  The server lives on either way.
+        for junk, answered in ((b"\x00\x00\x00\x03abc", True), (b"\x00\x00\x00\x01\xc1", True),
+                               (b"\x00\x00\x00\x02\x93\x01", True),  # not a map
+                               (b"\xff\xff\xff\xffxyz", False)):
+            with socket.create_connection((host, int(port)), timeout=5) as s:
+                s.sendall(junk)
+                reply = s.recv(4096)
+            if answered:
+                env = wire.decode(reply[wire.PREFIX_BYTES:])
+                assert env.id == 0 and env.body["code"] == Code.INVALID_REQUEST, junk
+            else:
+                assert reply == b"", junk
+        assert server.alive()
+
+        with Client(server.addr, timeout_s=5) as c:  # sessions on, as in the harness
+            assert c.status()["role"] == "leader"
+            assert c.submit([{"op": "create_transfer", "id": 1}] * 3) == [Code.OK] * 3
+            big = [{"op": "create_transfer", "id": i, "amount": 1} for i in range(8000)]
+            assert c.submit(big) == [Code.OK] * 8000  # a frame in many pieces
+            with pytest.raises(RequestRejected):
+                c.lookup_accounts([1])
+
+        async def many() -> list:
+            async with AsyncClient(server.addr, timeout_s=5) as ac:
+                return await asyncio.gather(*[ac.submit([{"op": "create_transfer", "id": i}])
+                                              for i in range(50)])
+
+        assert asyncio.run(many()) == [[Code.OK]] * 50
+    assert not server.alive()
 
 
 def test_a_mode_is_a_parameter():
@@ -80,7 +180,7 @@ def test_smoke_profile_runs_end_to_end_and_writes_reports(tmp_path):
     profile = runner.smoke_profile()
     results = runner.run(profile, ["(test)"], Progress(0, enabled=False))
     assert not results["problems"], results["problems"]
-    by_name = {(r["spec_name"], r["op"]): r for r in results["runs"]}
+    by_name = {(r["spec_name"], r["op"]): r for r in results["runs"] if r["mode"] != "echo"}
     for key in [("latency", "transfer"), ("conc4", "transfer"), ("batch100", "transfer"),
                 ("mix-linearizable", "read"), ("mix-follower", "read"),
                 ("contention", "transfer")]:
@@ -89,6 +189,9 @@ def test_smoke_profile_runs_end_to_end_and_writes_reports(tmp_path):
         assert not row["errors"], (key, row["errors"], row["error_examples"])
     (fo,) = results["failover"]
     assert fo["unavailable_s"] is not None and fo["new_leader"] not in (None, fo["killed"])
+    (echo_row,) = [r for r in results["runs"] if r["mode"] == "echo"]
+    assert echo_row["cluster"] == echo.LABEL and echo_row["per_s"] > 0, echo_row
+    assert not echo_row["errors"], (echo_row["errors"], echo_row["error_examples"])
     assert results["bare"]["no-batch/latency"]["per_s"] > 0
 
     paths = report.write_all(results, str(tmp_path))
