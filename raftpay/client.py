@@ -92,6 +92,10 @@ class _Failed:
     sent: bool
 
 
+#: Longest pause between attempts (before jitter of up to half of it).
+MAX_BACKOFF_S = 0.1
+
+
 class _Core:
     """Leader tracking, session numbering and the retry policy.  Not thread-safe by itself; the
     clients serialise access to it (the sync one with a lock, the async one by its loop)."""
@@ -188,8 +192,12 @@ class _Core:
                     raise RequestRejected(code if code is not None else Code.INTERNAL_ERROR,
                                           rb.get("message", ""))
             if not retry_now:
-                pause = min(backoff * (1 + random.random()), max(0.0, deadline - time.monotonic()))
-                backoff = min(backoff * 2, 0.5)
+                # Exponential with jitter, capped low: during an election every answer is a cheap
+                # `no_leader`, and a cap of 0.5 s (x2 jitter) left clients asleep for up to a
+                # second after the new leader was ready (the harness's failover rows).
+                pause = min(backoff * (1 + 0.5 * random.random()),
+                            max(0.0, deadline - time.monotonic()))
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
                 if pause > 0:
                     yield _Sleep(pause)
         if seq is not None:
