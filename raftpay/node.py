@@ -41,10 +41,12 @@ the node ticks on that loop (`runs_on`) and `call_soon_threadsafe` otherwise.
 from __future__ import annotations
 
 import collections
+import errno
 import heapq
 import itertools
 import logging
 import os
+import socket
 import struct
 import threading
 import time
@@ -242,6 +244,60 @@ class _Sealer:
         return int.from_bytes(head[1:], "big"), self._aead.decrypt(frame[9:21], frame[21:], head)
 
 
+class _SendQueue:
+    """A connection's unsent bytes as a queue of frames plus an offset into the first.
+
+    Upstream keeps them in one `bytes`, appending with `+=` and dropping what was sent with a
+    slice: both copy everything left, so a snapshot streamed to a restarted follower (tens of
+    MB in 64 KB chunks) took quadratic time and a restarted node took 10-30 s to catch up.
+    Upstream only reads it with len() and truthiness, which this supports."""
+
+    __slots__ = ("chunks", "offset", "size")
+
+    def __init__(self, data: bytes = b""):
+        self.chunks: collections.deque = collections.deque()
+        self.offset = 0
+        self.size = 0
+        self.append(data)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __bool__(self) -> bool:
+        return self.size > 0
+
+    def append(self, data) -> None:
+        if data:
+            self.chunks.append(data)
+            self.size += len(data)
+
+    def peek(self, limit: int = 1 << 18):
+        """The next bytes to send: the rest of the first frame, joined with the following ones
+        up to `limit` so small frames still go in one syscall."""
+        view = memoryview(self.chunks[0])[self.offset:]
+        if len(view) >= limit or len(self.chunks) == 1:
+            return view
+        parts, total = [view], len(view)
+        for chunk in itertools.islice(self.chunks, 1, None):
+            if total >= limit:
+                break
+            parts.append(chunk)
+            total += len(chunk)
+        return b"".join(parts)
+
+    def consume(self, n: int) -> None:
+        self.size -= n
+        while n:
+            left = len(self.chunks[0]) - self.offset
+            if n >= left:
+                self.chunks.popleft()
+                self.offset = 0
+                n -= left
+            else:
+                self.offset += n
+                n = 0
+
+
 class _RaftpayConnection(TcpConnection):
     """Upstream's TCP connection with raftpay's framing: `pickle.dumps(message)` behind a type
     byte, sealed by `_Sealer` when the cluster has a secret — no zlib (~80 us a message to
@@ -250,14 +306,17 @@ class _RaftpayConnection(TcpConnection):
     runs raftpay, so both ends speak it, and a peer that does not (or lacks the secret) fails the
     first frame and is disconnected.  Nothing is unpickled before it authenticates, when sealed.
 
-    The length prefix and the buffers are upstream's; `rp_send_seq`/`rp_recv_seq` number the
-    frames of one TCP connection (reset on disconnect, since upstream reuses the object)."""
+    The length prefix is upstream's.  The buffers are not: unsent bytes are a `_SendQueue`, and
+    received bytes a bytearray read from an offset (`rp_rpos`), so a large transfer costs linear
+    time (upstream copied the whole buffer per send, per read and per message).
+    `rp_send_seq`/`rp_recv_seq` number the frames of one TCP connection (reset on disconnect,
+    since upstream reuses the object)."""
 
     @classmethod
     def rp_adopt(cls, conn: TcpConnection) -> TcpConnection:
         if type(conn) is TcpConnection:
             conn.__class__ = cls
-            conn.rp_send_seq, conn.rp_recv_seq = 0, 0
+            conn.rp_send_seq, conn.rp_recv_seq, conn.rp_rpos = 0, 0, 0
         return conn
 
     def send(self, message):
@@ -269,17 +328,75 @@ class _RaftpayConnection(TcpConnection):
             data = self.encryptor.seal(data, self.rp_send_seq)
         else:
             data = _FRAME_PLAIN + data
-        self._TcpConnection__writeBuffer += _I32.pack(len(data)) + data
+        queue = self._TcpConnection__writeBuffer
+        if type(queue) is not _SendQueue:  # upstream resets it to bytes() on (dis)connect
+            queue = self._TcpConnection__writeBuffer = _SendQueue(queue)
+        queue.append(_I32.pack(len(data)))
+        queue.append(data)
         self._TcpConnection__trySendBuffer()
+
+    def _TcpConnection__processSend(self):
+        queue = self._TcpConnection__writeBuffer
+        if not queue:
+            return False
+        if type(queue) is not _SendQueue:
+            queue = self._TcpConnection__writeBuffer = _SendQueue(queue)
+        try:
+            sent = self._TcpConnection__socket.send(queue.peek())
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                self.disconnect()
+            return False
+        if sent <= 0:
+            return False
+        queue.consume(sent)
+        return True
+
+    def _TcpConnection__processRead(self):
+        sock = self._TcpConnection__socket
+        try:
+            incoming = sock.recv(self._TcpConnection__recvBufferSize)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                self.disconnect()
+            return False
+        if not incoming or sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+            self.disconnect()
+            return False
+        buf = self._TcpConnection__readBuffer
+        if type(buf) is not bytearray:  # upstream resets it to bytes() on (dis)connect
+            buf = self._TcpConnection__readBuffer = bytearray(buf)
+            self.rp_rpos = 0
+        buf += incoming
+        return True
 
     def _TcpConnection__processParseMessage(self):
         buf = self._TcpConnection__readBuffer
-        if len(buf) < 4:
+        if type(buf) is not bytearray:
+            if len(buf) < 4:
+                return None
+            buf = self._TcpConnection__readBuffer = bytearray(buf)
+            self.rp_rpos = 0
+        pos = self.rp_rpos
+        if len(buf) - pos < 4:
             return None
-        (n,) = _I32.unpack_from(buf)
-        if len(buf) - 4 < n:
+        (n,) = _I32.unpack_from(buf, pos)
+        if n < 0:
+            log.warning("dropping a Raft connection: negative frame length")
+            self.disconnect()
             return None
-        data = buf[4:4 + n]
+        if len(buf) - pos - 4 < n:
+            return None
+        data = bytes(buf[pos + 4:pos + 4 + n])
+        # Consume before decoding (a failure disconnects, which resets the buffer anyway).
+        pos += 4 + n
+        if pos == len(buf):
+            buf.clear()
+            pos = 0
+        elif pos > (1 << 20) and pos > len(buf) // 2:
+            del buf[:pos]
+            pos = 0
+        self.rp_rpos = pos
         try:
             if self.encryptor:
                 seq, data = self.encryptor.open(data)
@@ -299,11 +416,10 @@ class _RaftpayConnection(TcpConnection):
             log.warning("dropping a Raft connection: %s", e or type(e).__name__)
             self.disconnect()
             return None
-        self._TcpConnection__readBuffer = buf[4 + n:]
         return message
 
     def disconnect(self):
-        self.rp_send_seq, self.rp_recv_seq = 0, 0
+        self.rp_send_seq, self.rp_recv_seq, self.rp_rpos = 0, 0, 0
         super().disconnect()
 
 

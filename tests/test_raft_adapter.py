@@ -196,11 +196,13 @@ def test_internal_names_exist(tmp_path):
     assert callable(TcpConnection._TcpConnection__processConnection)
     # _RaftpayConnection replaces the framing (send / __processParseMessage) and keeps the rest.
     for name in ("_TcpConnection__processParseMessage", "_TcpConnection__trySendBuffer",
+                 "_TcpConnection__processSend", "_TcpConnection__processRead",
                  "send", "disconnect"):
         assert callable(getattr(TcpConnection, name)), f"TcpConnection.{name} is gone"
     conn = TcpConnection(poller=None)
     for name in ("_TcpConnection__readBuffer", "_TcpConnection__writeBuffer", "sendRandKey",
-                 "recvRandKey", "encryptor"):
+                 "recvRandKey", "encryptor", "_TcpConnection__socket",
+                 "_TcpConnection__recvBufferSize"):
         assert hasattr(conn, name), f"TcpConnection has no {name}"
     assert callable(TCPTransport.addNode) and callable(TCPTransport._onNewIncomingConnection)
     assert isinstance(SyncObj.encryptor, property)
@@ -567,3 +569,45 @@ def test_plain_frames_are_pickle_without_zlib():
     frame = _frame_of(pair, ("k", {"type": "x"}))
     assert frame[4:5] == rn._FRAME_PLAIN
     assert _deliver(frame, pair[1]) == ("k", {"type": "x"})
+
+
+def test_a_large_stream_arrives_whole_and_in_order_through_linear_buffers():
+    """What a snapshot install or a batched entry does to a connection: many frames, some of
+    64 KB, far more than the socket buffers hold, interleaved with small ones.  Every frame
+    arrives once, intact, in order; the sender's queue and the receiver's buffer end empty."""
+    from pysyncobj.poller import createPoller
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    poller = createPoller("auto")
+    sender = rn._RaftpayConnection.rp_adopt(TcpConnection(poller=poller, socket=a))
+    receiver = rn._RaftpayConnection.rp_adopt(TcpConnection(poller=poller, socket=b))
+    for conn in (sender, receiver):
+        conn.encryptor = rn._Sealer("s3cret")
+    got = []
+    receiver.setOnMessageReceivedCallback(got.append)
+    blobs = [os.urandom(64 * 1024) if i % 3 else i.to_bytes(4, "big") for i in range(600)]
+    for i, blob in enumerate(blobs):
+        sender.send((i, blob))
+    assert sender.getSendBufferSize() > 0  # the socket could not take it all at once
+    deadline = time.monotonic() + 60
+    while len(got) < len(blobs) and time.monotonic() < deadline:
+        poller.poll(0.05)
+    assert [m[0] for m in got] == list(range(len(blobs)))
+    assert all(m[1] == blob for m, blob in zip(got, blobs))
+    assert sender.getSendBufferSize() == 0 and not sender._TcpConnection__writeBuffer
+    assert len(receiver._TcpConnection__readBuffer) == 0
+    sender.disconnect()
+    receiver.disconnect()
+
+
+def test_send_queue_joins_small_frames_and_consumes_across_them():
+    q = rn._SendQueue(b"ab")
+    q.append(b"cd")
+    q.append(b"")
+    q.append(b"efgh")
+    assert len(q) == 8 and bytes(q.peek()) == b"abcdefgh"
+    q.consume(3)
+    assert len(q) == 5 and bytes(q.peek()) == b"defgh"
+    q.consume(5)
+    assert not q and len(q) == 0
