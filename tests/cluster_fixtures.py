@@ -2,27 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from typing import Callable
 
+from bench.clusters import free_ports  # one copy, shared with the harness and the soak
 from raftpay.cli import LocalCluster
 from raftpay.client import Client
 from raftpay.codes import RaftpayError
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports on 127.0.0.1 (held open together so they differ)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def local_cluster(tmp_path, nodes: int = 3, **sections) -> LocalCluster:
