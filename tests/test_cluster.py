@@ -187,13 +187,20 @@ def test_kill_leader_mid_stream_and_restart_whole_cluster(tmp_path):
         results: dict = {}
         stop = threading.Event()
         payers = [threading.Thread(target=pay_stream,
-                                   args=(c.seeds, f"p{k}", 400, results, stop)) for k in range(4)]
+                                   args=(c.seeds, f"p{k}", 100_000, results, stop))
+                  for k in range(4)]
         for t in payers:
             t.start()
         wait_until(lambda: len(results) >= 200, 30, "payments before the kill")
         leader_addr = c.wait_for_leader()
         leader_id = next(cfg.node.id for cfg in c.configs if cfg.node.client_addr == leader_addr)
         c.kill(leader_id)  # kill -9, mid-stream
+        killed_with = len(results)
+        # Pay on through the election until well past it, then stop (a fixed count per payer
+        # could all be acknowledged before the kill on a fast run, leaving nothing mid-stream).
+        wait_until(lambda: len(results) >= max(1300, killed_with + 300), 60,
+                   "payments after the kill")
+        stop.set()
         for t in payers:
             t.join(120)
         assert not any(t.is_alive() for t in payers)
