@@ -60,3 +60,108 @@ def test_a_write_whose_reply_is_lost_ends_outcome_unknown():
                 step = gen.send(None)
             else:
                 step = gen.send(rc._Failed(ConnectionResetError(), sent=True))
+
+
+# --- the async client's connection (`_AsyncConn`), over a recording transport ------------------
+
+class _Transport:
+    """Records what the connection writes; stands in for an asyncio transport."""
+
+    def __init__(self):
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data) -> None:
+        self.writes.append(bytes(data))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _conn():
+    conn = rc._AsyncConn(wire.MAX_FRAME_BYTES)
+    transport = _Transport()
+    conn.connection_made(transport)
+    return conn, transport
+
+
+def _run(coro):
+    import asyncio
+    return asyncio.run(coro)
+
+
+def test_a_lone_request_is_written_at_once_and_a_burst_in_one_write():
+    import asyncio
+
+    async def go():
+        conn, t = _conn()
+        f1 = conn.request(1, b"one", 5.0)
+        assert t.writes == [b"one"]  # nothing else in flight: no extra loop pass
+        f2 = conn.request(2, b"two", 5.0)
+        f3 = conn.request(3, b"three", 5.0)
+        assert t.writes == [b"one"]
+        await asyncio.sleep(0)
+        assert t.writes == [b"one", b"twothree"]  # the burst left in one send
+        # Replies in any order, several per read, find their requests.
+        conn.data_received(wire.reply(3, Code.OK, n=3) + wire.reply(1, Code.OK, n=1))
+        conn.data_received(wire.reply(2, Code.OK, n=2))
+        got = [(await f).body["n"] for f in (f1, f2, f3)]
+        assert got == [1, 2, 3] and conn.waiters == {}
+        conn.close()
+
+    _run(go())
+
+
+def test_deadlines_share_one_timer_and_an_earlier_one_rearms_it():
+    import asyncio
+
+    async def go():
+        conn, _ = _conn()
+        slow = conn.request(1, b"a", 5.0)
+        timer = conn._timer
+        conn.request(2, b"b", 5.0)
+        assert conn._timer is timer  # a later deadline needs no timer of its own
+        fast = conn.request(3, b"c", 0.05)
+        assert conn._timer is not timer  # an earlier one re-arms it
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(fast, 2.0)  # failed by the shared timer, not after 5 s
+        assert not slow.done() and set(conn.waiters) == {1, 2}
+        assert conn._timer is not None and conn._timer_at > asyncio.get_running_loop().time()
+        conn.data_received(wire.reply(1, Code.OK))
+        assert (await slow).body["code"] == Code.OK
+        conn.close()
+
+    _run(go())
+
+
+def test_a_broken_connection_fails_every_request_and_its_timer():
+    import asyncio
+
+    async def go():
+        conn, t = _conn()
+        futs = [conn.request(i, b"x", 5.0) for i in range(1, 4)]
+        await asyncio.sleep(0)
+        conn.connection_lost(ConnectionResetError("reset"))
+        for f in futs:
+            with pytest.raises(ConnectionResetError):
+                await f
+        assert conn._timer is None and t.closed and conn.closed
+        with pytest.raises(ConnectionError):
+            conn.request(9, b"y", 5.0)  # refused at once, nothing written
+        assert b"y" not in b"".join(t.writes)
+
+    _run(go())
+
+
+def test_a_garbled_reply_stream_fails_the_connection():
+    import asyncio
+
+    async def go():
+        conn, t = _conn()
+        fut = conn.request(1, b"x", 5.0)
+        conn.data_received(b"\x00\x00\x00\x02\xc1\xc1")  # a frame that is not msgpack
+        with pytest.raises(Exception):
+            await fut
+        assert conn.closed and t.closed
+
+    _run(go())
