@@ -105,6 +105,10 @@ class Server:
         self._batcher: _Batcher | None = None
         self._reads: _ReadBarrier | None = None
         self._conns: set[_Conn] = set()
+        # While corked (depth > 0), replies collect per connection and go out in one write per
+        # connection when the outermost uncork runs (`corked`).
+        self._cork_depth = 0
+        self._corked: list[_Conn] = []
         self._ticker: asyncio.Task | None = None
         self._sweeper: asyncio.Task | None = None
         self.address: tuple[str, int] | None = None
@@ -159,6 +163,16 @@ class Server:
                         conn.close()
                 elif conn.pending == 0 and now - conn.last_active > s.idle_timeout_s:
                     conn.close()  # idle connection: let it go
+
+    def _cork(self) -> None:
+        self._cork_depth += 1
+
+    def _uncork(self) -> None:
+        self._cork_depth -= 1
+        if not self._cork_depth and self._corked:
+            conns, self._corked = self._corked, []
+            for conn in conns:
+                conn.flush()
 
     def _send(self, writer: "_Conn", frame: bytes) -> None:
         if not writer.is_closing():
@@ -407,10 +421,18 @@ class _Batcher:
         server.node.propose(payload, on_result)
 
     def _answer(self, items: list, code, replies, index) -> None:
-        write_done = self.server._write_done
-        for i, (_, rid, conn) in enumerate(items):
-            if conn is not None:
-                write_done(code, replies[i] if replies is not None else None, index, rid, conn)
+        # An entry's replies to one connection leave in one write: with many clients sharing
+        # a connection, a send per reply cost more than the rest of the reply.
+        server = self.server
+        write_done = server._write_done
+        server._cork()
+        try:
+            for i, (_, rid, conn) in enumerate(items):
+                if conn is not None:
+                    write_done(code, replies[i] if replies is not None else None, index, rid,
+                               conn)
+        finally:
+            server._uncork()
 
     def _expire(self, entry: list) -> None:
         items, entry[0] = entry[0], None
@@ -473,6 +495,7 @@ class _Conn(asyncio.Protocol):
         self.frames = wire.FrameBuffer(server.settings.max_frame_bytes)
         self.transport: asyncio.Transport | None = None
         self.pending = 0  # requests read and not yet answered
+        self._out: list[bytes] = []  # replies held while the server is corked
         self.last_active = self.frame_since = time.monotonic()
         self._closing = False
 
@@ -484,15 +507,19 @@ class _Conn(asyncio.Protocol):
         now = time.monotonic()
         self.last_active = now
         was_partial = self.frames.partial
+        server = self.server
+        server._cork()  # replies given at once (refusals, errors) leave in one write
         try:
             payloads = self.frames.feed(data)
-            dispatch = self.server._dispatch
+            dispatch = server._dispatch
             for payload in payloads:
                 dispatch(payload, self)
         except Exception:  # pragma: no cover - a bug here must not take the server down
             log.exception("connection handler failed")
             self.close()
             return
+        finally:
+            server._uncork()
         if self.frames.error is not None:
             # An oversized announcement: the stream is out of step.  Say why and close.
             self.server._send(self, wire.reply(0, Code.INVALID_REQUEST,
@@ -519,7 +546,18 @@ class _Conn(asyncio.Protocol):
         return self._closing or self.transport is None or self.transport.is_closing()
 
     def write(self, frame: bytes) -> None:
-        self.transport.write(frame)
+        server = self.server
+        if server._cork_depth:
+            if not self._out:
+                server._corked.append(self)
+            self._out.append(frame)
+        else:
+            self.transport.write(frame)
+
+    def flush(self) -> None:
+        out, self._out = self._out, []
+        if out and not self.is_closing():
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def close(self) -> None:
         self._closing = True

@@ -1,0 +1,80 @@
+"""The server's reply path (`raftpay.server`): replies corked while a read or an entry is being
+answered leave in one write per connection, in order, and never to a closed connection."""
+
+from __future__ import annotations
+
+from raftpay import server as rs
+
+
+class _Transport:
+    def __init__(self):
+        self.writes: list[bytes] = []
+        self.closing = False
+
+    def write(self, data) -> None:
+        assert not self.closing, "written after close"
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+
+def _server_and_conns(n: int):
+    srv = rs.Server(object(), stamp=lambda: 0, client_addr_of=lambda _id: None)
+    conns = []
+    for _ in range(n):
+        conn = rs._Conn(srv)
+        conn.transport = _Transport()
+        conns.append(conn)
+    return srv, conns
+
+
+def test_corked_replies_leave_in_one_write_per_connection_in_order():
+    srv, (a, b) = _server_and_conns(2)
+    srv._cork()
+    a.write(b"a1")
+    b.write(b"b1")
+    srv._cork()  # nested: an entry answered while a read is being handled
+    a.write(b"a2")
+    srv._uncork()
+    assert a.transport.writes == [] and b.transport.writes == []  # still inside the outer one
+    a.write(b"a3")
+    srv._uncork()
+    assert a.transport.writes == [b"a1a2a3"]
+    assert b.transport.writes == [b"b1"]
+    a.write(b"a4")  # uncorked: at once
+    assert a.transport.writes == [b"a1a2a3", b"a4"]
+
+
+def test_replies_held_for_a_connection_that_closes_are_dropped():
+    srv, (a, b) = _server_and_conns(2)
+    srv._cork()
+    a.write(b"lost")
+    b.write(b"kept")
+    a.close()
+    srv._uncork()
+    assert a.transport.writes == [] and b.transport.writes == [b"kept"]
+    assert srv._corked == [] and a._out == []
+
+
+def test_a_batch_of_entry_replies_is_one_write(monkeypatch):
+    """`_Batcher._answer` (an applied entry's replies) corks around them all."""
+    srv, (a, b) = _server_and_conns(2)
+    srv._inflight = 5
+    for c in (a, b):
+        c.pending = 3
+    batcher = rs._Batcher(srv)
+    items = [({}, 1, a), ({}, 2, b), ({}, 3, a), ({}, 0, None), ({}, 4, a)]
+    replies = [{"code": 0, "results": [i]} for i in range(len(items))]
+    batcher._answer(items, rs.Code.OK, replies, 42)
+    assert len(a.transport.writes) == 1 and len(b.transport.writes) == 1
+    from raftpay import wire
+    fb = wire.FrameBuffer()
+    envs = [wire.decode(p) for p in fb.feed(a.transport.writes[0])]
+    assert [e.id for e in envs] == [1, 3, 4]
+    assert [e.body["results"] for e in envs] == [[0], [2], [4]]
+    assert all(e.body["version"] == 42 for e in envs)
+    assert srv._inflight == 1 and a.pending == 0 and b.pending == 2
