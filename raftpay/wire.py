@@ -235,6 +235,17 @@ def decode(payload: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Envelope:
             Code.INVALID_REQUEST, f"frame is not valid msgpack: {_short(str(e))}"
         ) from None
 
+    if type(obj) is dict and len(obj) == 4:
+        # The common case, checked in one pass; anything unusual takes the path below, which
+        # finds and names the problem.
+        v, type_, rid, body = obj.get("v"), obj.get("type"), obj.get("id"), obj.get("body")
+        if (type(v) is int and type(type_) is str and type(rid) is int and 0 <= rid <= U64_MAX
+                and type(body) is dict):
+            for k in body:
+                if type(k) is not str:
+                    break
+            else:
+                return Envelope(v, type_, rid, body)
     if not isinstance(obj, dict):
         raise WireError(
             Code.INVALID_REQUEST,
