@@ -49,6 +49,10 @@ class LoadSpec:
     accounts: int = 1000  # transfers pick debit/credit uniformly from ids 1..accounts
     batch: int = 1
     inflight_per_client: int = 1  # requests each logical client keeps in flight
+    #: Connections the clients share, as etcd's benchmark `--conns` (its `--clients` share
+    #: them): logical clients are spread round-robin over this many `AsyncClient`s.  None: one
+    #: each.
+    conns: int | None = None
     read_fraction: float = 0.0
     consistency: str = "linearizable"
     follower_addrs: tuple[str, ...] = ()  # where follower reads go
@@ -268,7 +272,11 @@ async def _run_async(spec: LoadSpec, proc: int, client_ids: list[int], rec: Reco
     from raftpay.client import AsyncClient
     ids = _Ids(proc)
     end = start_at + spec.warmup_s + spec.duration_s
-    writers = [AsyncClient(spec.seeds, timeout_s=spec.timeout_s) for _ in client_ids]
+    nconns = len(client_ids)
+    if spec.conns:
+        nconns = max(1, min(nconns, -(-spec.conns * len(client_ids) // spec.clients)))
+    pool = [AsyncClient(spec.seeds, timeout_s=spec.timeout_s) for _ in range(nconns)]
+    writers = [pool[slot % nconns] for slot in range(len(client_ids))]
     readers = writers
     if spec.kind == "mix" and spec.consistency == "follower" and spec.follower_addrs:
         # A client seeded with only one follower reads from it; writes still go to the leader.

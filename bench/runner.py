@@ -43,6 +43,9 @@ class Profile:
     latency_s: float = 10.0
     concurrency: tuple[int, ...] = (1, 8, 64, 256)
     concurrency_s: float = 8.0
+    #: (clients, connections): those client counts run once more with the clients sharing
+    #: that many connections, as etcd's benchmark `--clients` share its `--conns`.
+    shared_conns: tuple[tuple[int, int], ...] = ((64, 8),)
     #: Clusters other than the detail one run only these client counts (None: all).
     concurrency_other: tuple[int, ...] | None = None
     batches: tuple[int, ...] = (100, 1000, 8000)
@@ -157,6 +160,10 @@ def _echo_clients(profile: Profile) -> tuple[int, ...]:
     return profile.concurrency if profile.echo_clients is None else profile.echo_clients
 
 
+def shared_workload(clients: int, conns: int) -> str:
+    return f"{clients} clients over {conns} connections x 1 transfer/request"
+
+
 def _steps(profile: Profile, only: str | None = None) -> int:
     n = 0
     failover = failover_labels(profile)
@@ -166,8 +173,9 @@ def _steps(profile: Profile, only: str | None = None) -> int:
         detail = spec.label == profile.detail_cluster
         n += 1  # start + accounts
         n += 1 if (detail or profile.latency_other) else 0
-        n += len(profile.concurrency if detail or profile.concurrency_other is None
-                 else profile.concurrency_other)
+        conc = (profile.concurrency if detail or profile.concurrency_other is None
+                else profile.concurrency_other)
+        n += len(conc) + sum(1 for c, _ in profile.shared_conns if c in conc)
         n += len(profile.batches if detail or profile.batches_other is None
                  else profile.batches_other)
         if detail:
@@ -175,7 +183,8 @@ def _steps(profile: Profile, only: str | None = None) -> int:
         if spec.label in failover:
             n += profile.failover_runs
     if not only or "echo" in only:
-        n += len(_echo_clients(profile))
+        n += len(_echo_clients(profile)) + sum(1 for c, _ in profile.shared_conns
+                                               if c in _echo_clients(profile))
     if not only or "bare" in only:
         n += sum(len(runs) for _, runs in profile.bare_runs)
     return n
@@ -273,6 +282,11 @@ def _run_cluster(profile: Profile, spec: ClusterSpec, results: dict, progress) -
             measure(f"{n} clients x 1 transfer/request",
                     LoadSpec(f"conc{n}", "transfer", clients=n,
                              duration_s=profile.concurrency_s, **base))
+        for n, k in profile.shared_conns:
+            if n in conc:
+                measure(shared_workload(n, k),
+                        LoadSpec(f"conc{n}c{k}", "transfer", clients=n, conns=k,
+                                 duration_s=profile.concurrency_s, **base))
         batches = profile.batches if detail or profile.batches_other is None \
             else profile.batches_other
         for b in batches:
@@ -325,9 +339,13 @@ def _run_echo(profile: Profile, results: dict, progress) -> None:
         def sample() -> dict:
             return {"echo": proc_cpu_s(server.pid), "_machine": machine_busy_s()}
 
-        for n in _echo_clients(profile):
-            _measure(spec, f"{n} clients x 1 transfer/request",
-                     LoadSpec(f"conc{n}", "transfer", seeds=server.addr, clients=n,
+        runs = [(f"{n} clients x 1 transfer/request", f"conc{n}", n, None)
+                for n in _echo_clients(profile)]
+        runs += [(shared_workload(n, k), f"conc{n}c{k}", n, k) for n, k in profile.shared_conns
+                 if n in _echo_clients(profile)]
+        for workload, name, n, k in runs:
+            _measure(spec, workload,
+                     LoadSpec(name, "transfer", seeds=server.addr, clients=n, conns=k,
                               accounts=profile.accounts, warmup_s=profile.warmup_s,
                               duration_s=profile.concurrency_s),
                      results, progress, "echo", sample)
