@@ -650,3 +650,60 @@ def test_step_down_hands_leadership_over(cluster):
     assert new.node_id != old.node_id
     assert propose(new, {"type": "tick"})[0] == Code.OK
     c.converged()
+
+
+# --- the leader's decoded proposals ---------------------------------------------------------------
+
+
+def _recording_ledger():
+    from raftpay.ledger import Ledger
+
+    class Recording(Ledger):
+        seen: list = []  # (ledger instance id, ts, commands object) of every apply_entry
+
+        def apply_entry(self, commands, ts):
+            Recording.seen.append((id(self), ts, commands))
+            return super().apply_entry(commands, ts)
+    Recording.seen = []
+    return Recording
+
+
+def test_the_leader_applies_its_decoded_commands_and_followers_unpack(cluster):
+    """`propose(decoded=...)`: the leader applies the very objects it was handed; followers
+    unpack the log entry; every replica ends with the same state."""
+    ledger_cls = _recording_ledger()
+    c = cluster(ledger_cls=ledger_cls).start()
+    leader = c.leader()
+    ts = time.time_ns()
+    commands = [{"type": "submit", "events": [
+        {"op": "create_account", "id": "dc-a", "currency": 1},
+        {"op": "create_account", "id": "dc-b", "currency": 1, "user_data": 7}]}]
+    r = Result()
+    leader.propose(msgpack.packb([ts, commands], use_bin_type=True), r, decoded=(ts, commands))
+    code, replies, index = r.get()
+    assert code == Code.OK and replies[0]["results"] == [Code.OK, Code.OK]
+    c.converged()
+    mine = [s for s in ledger_cls.seen if s[1] == ts]
+    assert len(mine) == 3  # once per replica
+    leader_ledger = id(leader._ledger)
+    assert [s[2] is commands for s in mine if s[0] == leader_ledger] == [True]
+    assert all(s[2] is not commands and s[2] == commands for s in mine if s[0] != leader_ledger)
+    assert leader._decoded == {}  # nothing held once applied
+
+
+def test_a_cached_decode_is_used_only_for_the_entry_it_came_with(tmp_path):
+    """Another entry committed at the same index (a new leader overwrote ours) is a different
+    bytes object: it is unpacked, never replaced by the cached commands."""
+    n = Node("a", free_addr(), {}, str(tmp_path / "a"))
+    from raftpay.ledger import Ledger
+    n._ledger = Ledger()
+    ours = rn.ENTRY_LEDGER + payload({"type": "submit", "events": [
+        {"op": "create_account", "id": "ours", "currency": 1}]}, ts=5)
+    theirs = rn.ENTRY_LEDGER + payload({"type": "submit", "events": [
+        {"op": "create_account", "id": "theirs", "currency": 1}]}, ts=5)
+    assert ours == bytes(ours) and ours is not theirs
+    n._decoded[7] = (ours, msgpack.unpackb(ours[1:], raw=False))
+    n._apply_entry(7, theirs)
+    assert n._ledger.lookup_accounts(["theirs"])[0] is not None
+    assert n._ledger.lookup_accounts(["ours"])[0] is None
+    assert n._decoded == {}

@@ -69,8 +69,8 @@ class _Owner:
         self._fatal = None
         self.applied = []
 
-    def _apply_entry(self, index, body):
-        self.applied.append((index, body))
+    def _apply_entry(self, index, entry):
+        self.applied.append((index, entry[1:]))  # the entry without our type byte
         return [index]
 
     def _write_snapshot(self, path, data):  # not exercised here (compaction is far away)

@@ -322,10 +322,11 @@ def _call(callback, *args) -> None:
 class _Proposal:
     """One proposal's callback, called exactly once."""
 
-    __slots__ = ("callback", "index", "done", "timer", "appended_at")
+    __slots__ = ("callback", "index", "done", "timer", "appended_at", "decoded")
 
     def __init__(self, callback):
         self.callback = callback
+        self.decoded = None  # (payload bytes object, (ts, commands)) from `propose(decoded=)`
         self.index = None
         self.done = False
         self.timer = None
@@ -1034,27 +1035,35 @@ class ZkNode:
     # --- public interface (any thread) -------------------------------------------------------
 
     def propose(self, payload: bytes, callback: Callable[[Code, list | None, int | None], None],
-                timeout_s: float | None = None) -> None:
+                timeout_s: float | None = None, decoded: tuple | None = None) -> None:
         """Replicate `payload` (``msgpack.packb([ts, commands])``) and call
         ``callback(code, replies, index)`` exactly once: OK with the ledger's replies after the
         quorum acknowledged the batch and this primary applied it; NOT_LEADER / NO_LEADER when
         this node is not a serving primary (nothing was appended); OUTCOME_UNKNOWN when it was
         appended but the node stepped down or `timeout_s` passed first — it may still commit, so
         retry with the same ids.  Any thread; never blocks; the callback runs on the node's
-        thread, or inline when refused up front.  ValueError on a malformed payload (misuse)."""
+        thread, or inline when refused up front.  ValueError on a malformed payload (misuse).
+        `decoded`: as `raftpay.node.Node.propose` (the primary applies those objects instead of
+        unpacking the batch again)."""
         if not isinstance(payload, (bytes, bytearray)):
             raise ValueError("payload must be msgpack bytes")
-        try:
-            ts, commands = msgpack.unpackb(payload, raw=False, strict_map_key=False)
-        except Exception:
-            raise ValueError("payload must be msgpack [ts, commands]") from None
+        if decoded is None:
+            try:
+                ts, commands = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+            except Exception:
+                raise ValueError("payload must be msgpack [ts, commands]") from None
+        else:
+            ts, commands = decoded
         if type(ts) is not int or type(commands) is not list:
             raise ValueError("payload must be msgpack [ts: int, commands: list]")
         p = _Proposal(callback)
+        payload = bytes(payload)
+        if decoded is not None:
+            p.decoded = (payload, decoded)
         if self._stopping or self._loop is None or self._fatal is not None:
             p.finish(Code.NO_LEADER, None, None)
             return
-        self._loop.call_soon_threadsafe(self._on_propose, bytes(payload), p,
+        self._loop.call_soon_threadsafe(self._on_propose, payload, p,
                                         self._propose_timeout_s if timeout_s is None else timeout_s)
 
     def read_index(self, callback: Callable[[Code, int | None], None],
@@ -1227,8 +1236,12 @@ class ZkNode:
         while self._applied < target:
             seq = self._applied + 1
             payload = self._log[seq - 1][1]
+            p = pr.pending.get(seq) if pr is not None else None
             try:
-                ts, commands = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+                if p is not None and p.decoded is not None and p.decoded[0] is payload:
+                    ts, commands = p.decoded[1]  # this primary's own batch, never unpacked
+                else:
+                    ts, commands = msgpack.unpackb(payload, raw=False, strict_map_key=False)
                 with self._lock:
                     replies = self._ledger.apply_entry(commands, ts)
             except Exception as e:
