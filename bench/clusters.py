@@ -62,9 +62,10 @@ def _raft_sections(spec: ClusterSpec) -> dict:
 
 
 def _zk_election_sections(spec: ClusterSpec) -> dict:
-    """The ZooKeeper-elected baseline.  The harness does not start ZooKeeper: pass
-    ``--zk-hosts`` (an ensemble someone else runs) and the node's own zk-election server does
-    the rest (`raftpay node start` dispatches on `[node] mode`)."""
+    """The ZooKeeper-elected baseline, on the ensemble in the spec's ``zk_hosts`` option:
+    `python -m bench` starts a 3-server ensemble of its own unless ``--zk-hosts`` names one.
+    The node's own zk-election server does the rest (`raftpay node start` dispatches on
+    `[node] mode`)."""
     from raftpay.config import RaftConfig, ZkConfig
     hosts = spec.option("zk_hosts")
     if not hosts:

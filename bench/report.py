@@ -90,6 +90,15 @@ def check_targets(results: dict) -> list[dict]:
     return rows
 
 
+def _modes_text(results: dict) -> str:
+    """Which modes the run's clusters used, for the results header."""
+    names = {"raft": "Raft mode", "zk-election": "ZooKeeper-elected primary-backup mode, with "
+             "a 3-server ZooKeeper ensemble the harness starts"}
+    modes = sorted({c.get("mode") for c in (results.get("clusters") or {}).values()
+                    if c.get("mode") in names} or {"raft"})
+    return " and ".join(names[m] for m in modes)
+
+
 def _ratio(group: str, what: str, value, reference, nd: int = 3,
            target: float | None = None) -> dict:
     r = round(value / reference, nd)
@@ -240,10 +249,11 @@ def markdown(results: dict) -> str:
          f"- git {m.get('git_commit')}{' + uncommitted changes in raftpay/' if m.get('raftpay_tree_dirty') else ''};"
          f" Python {m['python']}; PySyncObj {m['pysyncobj']}; {m['cpus']} CPUs ({m['machine']},"
          f" Linux {m['kernel']})",
-         "- clusters are real node processes on 127.0.0.1 (Raft mode, node traffic encrypted "
-         "with the cluster secret), started and stopped by the harness; clients are the "
-         "project's own (`Client` for the latency row, `AsyncClient` otherwise, one per logical "
-         "client, with sessions); load generators are separate processes on the same 2 cores."]
+         f"- clusters are real node processes on 127.0.0.1 ({_modes_text(results)}; node "
+         "traffic authenticated with the cluster secret), started and stopped by the harness; "
+         "clients are the project's own (`Client` for the latency row, `AsyncClient` otherwise, "
+         "one per logical client with sessions, or shared as the \"over N connections\" rows "
+         "say); load generators are separate processes on the same 2 cores."]
     if any(r.get("mode") == "echo" for r in results["runs"]):
         L.append(f"- `{ECHO_LABEL}` rows: `bench/echo.py`, one process that answers the same "
                  "client protocol with code 0 per event and does nothing else (no replication, "
