@@ -93,7 +93,7 @@ def check_targets(results: dict) -> list[dict]:
 def _modes_text(results: dict) -> str:
     """Which modes the run's clusters used, for the results header."""
     names = {"raft": "Raft mode", "zk-election": "ZooKeeper-elected primary-backup mode, with "
-             "a 3-server ZooKeeper ensemble the harness starts"}
+             "a ZooKeeper ensemble: 3 servers the harness starts, unless --zk-hosts named one"}
     modes = sorted({c.get("mode") for c in (results.get("clusters") or {}).values()
                     if c.get("mode") in names} or {"raft"})
     return " and ".join(names[m] for m in modes)
