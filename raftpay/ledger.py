@@ -165,6 +165,66 @@ def _check_shape(ev: Any, keys: frozenset) -> int:
     return _OK
 
 
+
+# --- the compact form of a batch of like events ---------------------------------------------------
+#
+# A batch of 8,000 transfers is 8,000 maps with the same seven keys.  Unpacking them cost each
+# follower ~3 µs an event, as much as applying one; the same values as arrays behind one list of
+# keys unpack in ~0.5 µs.  The leader's server writes a submit's events in this form when they
+# all have the same keys in the same order, and every replica turns them back into the very same
+# dicts before applying, so the form changes the log's size and nothing the ledger decides.
+
+def events_as_rows(events: list) -> tuple[list, list] | None:
+    """(keys, rows) for `events` if they are all dicts with the same str keys in the same order,
+    else None.  `rows_as_events(keys, rows)` gives back equal dicts, keys in the same order."""
+    if not events or type(events[0]) is not dict:
+        return None
+    keys = tuple(events[0])
+    for k in keys:
+        if type(k) is not str:
+            return None
+    rows = []
+    append = rows.append
+    for ev in events:
+        if type(ev) is not dict or tuple(ev) != keys:
+            return None
+        append(list(ev.values()))
+    return list(keys), rows
+
+
+def _rows_ok(keys: Any, rows: Any) -> bool:
+    if type(keys) is not list or type(rows) is not list:
+        return False
+    n = len(keys)
+    for k in keys:
+        if type(k) is not str:
+            return False
+    if len(set(keys)) != n:
+        return False
+    for row in rows:
+        if type(row) is not list or len(row) != n:
+            return False
+    return True
+
+
+def rows_as_events(keys: Any, rows: Any) -> list | None:
+    """The events a compact submit stands for, or None if it is malformed (never raises)."""
+    return _Rows(keys, rows).as_events() if _rows_ok(keys, rows) else None
+
+
+class _Rows:
+    """A well-formed compact batch (`_rows_ok`), as `_apply_events` takes it."""
+
+    __slots__ = ("keys", "rows")
+
+    def __init__(self, keys: list, rows: list):
+        self.keys, self.rows = keys, rows
+
+    def as_events(self) -> list:
+        keys = self.keys
+        return [dict(zip(keys, row)) for row in self.rows]
+
+
 class Ledger:
     """The replicated state machine.  Deterministic; not thread-safe; never does I/O."""
 
@@ -224,7 +284,9 @@ class Ledger:
 
         Command shapes (all maps):
         ``{"type": "submit", "events": [...], "session"?: int, "seq"?: int, "ack"?: int}``
-        -> ``{"code", "results": [code per event]}``;
+        -> ``{"code", "results": [code per event]}``; in place of ``events``, a submit may carry
+        ``"keys": [str, ...], "rows": [[value, ...], ...]``, which means exactly the events
+        ``[dict(zip(keys, row)) for row in rows]`` (see `events_as_rows`);
         ``{"type": "register_session"}`` -> ``{"code", "session"}``;
         ``{"type": "keep_alive", "session": int}`` -> ``{"code"}``;
         ``{"type": "tick"}`` -> ``{"code"}`` (moves log time only).
@@ -260,7 +322,13 @@ class Ledger:
 
     def _submit(self, command: dict, now: int) -> dict:
         events = command.get("events")
-        if type(events) is not list:
+        if events is None and "rows" in command:
+            keys, rows = command.get("keys"), command.get("rows")
+            if not _rows_ok(keys, rows):
+                return {"code": int(Code.INVALID_REQUEST),
+                        "message": "keys must be distinct strings and rows lists as long as keys"}
+            events = _Rows(keys, rows)
+        elif type(events) is not list:
             return {"code": int(Code.INVALID_REQUEST), "message": "events must be a list"}
         sid = command.get("session")
         if sid is None:
@@ -320,7 +388,12 @@ class Ledger:
     # Events and linked chains
     # ------------------------------------------------------------------------------------------
 
-    def _apply_events(self, events: list, now: int) -> list[int]:
+    def _apply_events(self, events: "list | _Rows", now: int) -> list[int]:
+        if type(events) is _Rows:
+            results = self._apply_rows(events, now)
+            if results is not None:
+                return results
+            events = events.as_events()
         n = len(events)
         results = [0] * n
         i = 0
@@ -383,6 +456,42 @@ class Ledger:
         self._a_hist[crow].append(row)
         return row
 
+    def _apply_rows(self, rows: "_Rows", now: int) -> list[int] | None:
+        """`_apply_events` for events in the compact form, without making a dict of the ones
+        the fast path takes: the same results and the same state as applying
+        `rows.as_events()`, event by event.  None (nothing applied) when the rows need the
+        general path as a whole: keys the fast path never takes, or a linked event."""
+        keys = rows.keys
+        pos = {k: i for i, k in enumerate(keys)}
+        if not _FAST_KEYS.issuperset(keys) or "op" not in pos:
+            return None
+        ifl = pos.get("flags")
+        if ifl is not None:
+            for row in rows.rows:
+                f = row[ifl]
+                if type(f) is int and f > 0 and f & LINKED:
+                    return None
+        iop = pos["op"]
+        iid, idr, icr = pos.get("id"), pos.get("debit_account_id"), pos.get("credit_account_id")
+        iam, icu, iud = pos.get("amount"), pos.get("currency"), pos.get("user_data")
+        fast = self._fast_values
+        results = []
+        append = results.append
+        ts = now
+        for row in rows.rows:
+            code = None
+            f = None if ifl is None else row[ifl]
+            # As `_apply_events`: the fast path for a plain (no flags or int 0) transfer.
+            if row[iop] == "create_transfer" and (f is None or (f == 0 and type(f) is int)):
+                code = fast(None if iid is None else row[iid], None if idr is None else row[idr],
+                            None if icr is None else row[icr], None if iam is None else row[iam],
+                            None if icu is None else row[icu], None if iud is None else row[iud],
+                            ts)
+            append(self._apply_event(dict(zip(keys, row)), ts) if code is None else code)
+            ts += 1
+        self.last_ts = max(self.last_ts, ts - 1)  # as `_apply_events`: one tick per event
+        return results
+
     def _fast_transfer(self, ev: Any, ts: int) -> int | None:
         """The common case on its own short path: a plain (no flags), well-formed transfer with
         a new id between two open accounts that can take it.  Applies it and returns OK, or
@@ -391,12 +500,13 @@ class Ledger:
         if type(ev) is not dict or ev.get("op") != "create_transfer" \
                 or not _FAST_KEYS.issuperset(ev):
             return None
-        tid = ev.get("id")
-        debit_id = ev.get("debit_account_id")
-        credit_id = ev.get("credit_account_id")
-        amount = ev.get("amount")
-        currency = ev.get("currency")
-        user_data = ev.get("user_data")
+        return self._fast_values(ev.get("id"), ev.get("debit_account_id"),
+                                 ev.get("credit_account_id"), ev.get("amount"),
+                                 ev.get("currency"), ev.get("user_data"), ts)
+
+    def _fast_values(self, tid, debit_id, credit_id, amount, currency, user_data,
+                     ts: int) -> int | None:
+        """`_fast_transfer` on an event's values (None: the key is absent or nil)."""
         if user_data is None:
             user_data = 0
         if (type(amount) is not int or type(currency) is not int or type(user_data) is not int

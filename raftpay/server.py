@@ -43,12 +43,17 @@ import msgpack
 
 from . import wire
 from .codes import Code, ProtocolError
+from .ledger import events_as_rows
 
 log = logging.getLogger("raftpay.server")
 
 #: Propose a no-op `tick` when the leader has proposed nothing for this long, so pending-transfer
 #: timeouts and session TTLs advance on an idle ledger.
 IDLE_TICK_S = 1.0
+
+#: A submit of at least this many events that all have the same keys goes into the entry in
+#: the ledger's compact form (`ledger.events_as_rows`); below it the saving is not worth a look.
+ROWS_MIN_EVENTS = 16
 
 _WRITE_TYPES = frozenset({"submit", "register_session", "keep_alive"})
 _READ_TYPES = frozenset({"lookup_accounts", "lookup_transfers", "account_transfers"})
@@ -263,7 +268,12 @@ class Server:
             self._not_leader(writer, rid)
             return
         if kind == "submit":
-            command = {"type": "submit", "events": body["events"]}
+            events = body["events"]
+            compact = events_as_rows(events) if len(events) >= ROWS_MIN_EVENTS else None
+            if compact is None:
+                command = {"type": "submit", "events": events}
+            else:  # the same events, in the form that replicas unpack ~5x faster
+                command = {"type": "submit", "keys": compact[0], "rows": compact[1]}
             for k in ("session", "seq", "ack"):
                 if k in body:
                     command[k] = body[k]
@@ -384,7 +394,8 @@ class _Batcher:
         while queue and self.inflight < self.server.settings.max_inflight_entries:
             items, size = [], 0
             while queue:
-                n = len(queue[0][0].get("events", ())) * 96 + 32  # a cheap size estimate
+                cmd = queue[0][0]
+                n = len(cmd.get("events") or cmd.get("rows") or ()) * 96 + 32  # cheap estimate
                 if items and size + n > limit:
                     break
                 items.append(queue.popleft())

@@ -78,3 +78,37 @@ def test_a_batch_of_entry_replies_is_one_write(monkeypatch):
     assert [e.body["results"] for e in envs] == [[0], [2], [4]]
     assert all(e.body["version"] == 42 for e in envs)
     assert srv._inflight == 1 and a.pending == 0 and b.pending == 2
+
+
+class _LeaderNode:
+    def is_leader(self) -> bool:
+        return True
+
+
+def _written_command(events):
+    srv = rs.Server(_LeaderNode(), stamp=lambda: 0, client_addr_of=lambda _id: None)
+    got = []
+
+    class _Batcher:
+        def add(self, command, rid, conn):
+            got.append(command)
+
+    srv._batcher = _Batcher()
+    srv._write("submit", {"events": events, "session": 3, "seq": 1, "ack": 1}, 9, object())
+    return got[0]
+
+
+def test_a_large_submit_of_like_events_goes_into_the_entry_compact():
+    from raftpay.ledger import rows_as_events
+    events = [{"op": "create_transfer", "id": i, "debit_account_id": 1, "credit_account_id": 2,
+               "amount": 1, "currency": 840} for i in range(rs.ROWS_MIN_EVENTS)]
+    cmd = _written_command(events)
+    assert "events" not in cmd and cmd["session"] == 3 and cmd["seq"] == 1
+    assert rows_as_events(cmd["keys"], cmd["rows"]) == events
+
+
+def test_small_or_mixed_submits_keep_their_events():
+    few = [{"op": "create_account", "id": i, "currency": 1} for i in range(3)]
+    assert _written_command(few)["events"] is few
+    mixed = few * 10 + [{"op": "create_account", "currency": 1, "id": 99}]  # other key order
+    assert _written_command(mixed)["events"] is mixed
