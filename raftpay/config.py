@@ -72,6 +72,8 @@ class RaftConfig:
     heartbeat_ms: int = 100
     max_entry_bytes: int = 4 * 1024 * 1024  # bound on one Raft entry built by group commit
     append_entries_batch_bytes: int = 2 * 1024 * 1024
+    # Snapshot the ledger and drop the journal's entries once it holds this many.
+    log_compaction_entries: int = 5000
 
 
 @dataclass(frozen=True)
@@ -188,6 +190,8 @@ ALLOWED: dict[str, str] = {
     "raft.heartbeat_ms": "a positive integer (milliseconds), less than a third of election_timeout_ms",
     "raft.max_entry_bytes": "a positive integer (bytes)",
     "raft.append_entries_batch_bytes": "a positive integer (bytes)",
+    "raft.log_compaction_entries": "a positive integer (log entries kept before a snapshot "
+                                   "replaces them)",
     "server.max_frame_bytes": "an integer in 1..4294967295 (bytes)",
     "server.request_timeout_ms": "a positive integer (milliseconds)",
     "server.max_inflight_requests": "a positive integer",
@@ -501,6 +505,7 @@ def _problems(cfg: NodeConfig) -> list[tuple[str, str]]:
                                  f"({r.election_timeout_ms})")
     positive("raft.max_entry_bytes", r.max_entry_bytes)
     positive("raft.append_entries_batch_bytes", r.append_entries_batch_bytes)
+    positive("raft.log_compaction_entries", r.log_compaction_entries)
 
     # [server]
     s = cfg.server

@@ -6,7 +6,7 @@ replica applies committed entries in log order as ``ledger.apply_entry(commands,
 ledger lock, and the proposing leader's callback fires after that apply, never before.  This is
 the only module that imports PySyncObj, and every reach into its internals lives in the fenced
 section "ADAPTER OVER PYSYNCOBJ 0.3.17 INTERNALS" below, pinned name by name by
-`tests/test_raft_adapter.py`.  The adapter exists for five reasons, each a gap in PySyncObj 0.3.17
+`tests/test_raft_adapter.py`.  The adapter exists for six reasons, each a gap in PySyncObj 0.3.17
 (see /work/shared/ENGINE_NOTES.md):
 
 * Latency: upstream sends appendEntries once per period (~125 ms a command).  Here the node drives
@@ -30,6 +30,21 @@ section "ADAPTER OVER PYSYNCOBJ 0.3.17 INTERNALS" below, pinned name by name by
 * Safety of the log format: our entries are raw msgpack bytes behind a type byte of our own, so
   applying the log never unpickles; followers never forward proposals (upstream forwarding
   pickles), and a node answers `NOT_LEADER` instead.
+* Log compaction: upstream calls a custom serializer synchronously on the ticking thread, which
+  for a large ledger froze the serving loop for 1-2 s per compaction (no replies, no heartbeats).
+  Here a forked child writes the snapshot (copy-on-write gives it the ledger exactly as of the
+  applied index upstream recorded); the ticking thread only forks (tens of ms for a large heap)
+  and, once the child is done, renames the file into place and lets upstream drop the journal
+  entries it covers.  Upstream's own fork mode lost acknowledged entries: its child renamed the
+  new snapshot into place on its own schedule (even after the node had stopped), and a restart
+  that found a snapshot newer than the journal's head cleared the whole journal.  Here the
+  rename happens only on the ticking thread, a restart drops only the entries the snapshot
+  covers, and the journal is compacted by writing a new file and renaming it over the old one
+  (upstream rewrote it in place, so a crash half way lost its tail).  Sending a snapshot to a
+  lagging follower: upstream kept the leader's loop sending it for a whole heartbeat period per
+  round, through 64 KB socket buffers; here a round adds a bounded amount, rounds keep coming
+  while it lasts, the buffers are 4 MB, and the follower neither commits its own unverified
+  entries on a snapshot message nor starts an election after a long install.
 
 Threads.  Public methods are thread-safe and never block on Raft (except `start`, `stop`,
 `wait_ready` and `query`, which say so).  Callbacks run on the thread that ticks (the Raft thread,
@@ -42,10 +57,12 @@ from __future__ import annotations
 
 import collections
 import errno
+import gc
 import heapq
 import itertools
 import logging
 import os
+import signal
 import socket
 import struct
 import threading
@@ -60,15 +77,25 @@ log = logging.getLogger(__name__)
 
 #: Where a node keeps its files inside `data_dir`.
 JOURNAL_FILE = "raft.journal"  # PySyncObj FileJournal; its term/vote live in "raft.journal.meta"
-SNAPSHOT_FILE = "raft.snapshot"  # msgpack, written by `Node._write_snapshot`
+SNAPSHOT_FILE = "raft.snapshot"  # msgpack, written by `Node._write_snapshot_file`
 SNAPSHOT_FORMAT = "raftpay-raft-snapshot"
 SNAPSHOT_VERSION = 1
+#: A snapshot being written is `raft.snapshot.writing.<pid>.<n>` until the Raft thread renames it
+#: to SNAPSHOT_FILE.  Nothing ever reads one; `Node.start` removes any left by a crash.
+SNAPSHOT_WRITING_PREFIX = SNAPSHOT_FILE + ".writing."
+#: A snapshot writer syncs after each of these: the node's own journal syncs then queue behind
+#: at most this much of it on the disk, not the whole file at once.
+SNAPSHOT_SYNC_BYTES = 4 * 1024 * 1024
 
 FSYNC_POLICIES = ("always", "never")
 
 #: A leader tells followers a new commit index with its next appendEntries round; when no round
 #: goes out for this long after a commit, it sends one for the commit alone.
 COMMIT_NOTIFY_S = 0.002
+#: While a leader sends a snapshot to a lagging follower, a round goes out at least this often:
+#: each round adds a bounded amount of it (the adapter's RP_TRANSMIT_BACKLOG_BYTES), so the
+#: transmission keeps flowing between heartbeats without one round holding the loop.
+TRANSMIT_ROUND_S = 0.01
 
 
 class FatalNodeError(RuntimeError):
@@ -85,6 +112,108 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _load_prctl():
+    # Looked up at import: a forked child of a threaded process must not dlopen (another
+    # thread may have held the loader's lock at the fork).
+    try:
+        import ctypes
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: the child then outlives a killed parent
+        return None
+
+
+_PRCTL = _load_prctl()
+_PR_SET_PDEATHSIG = 1
+
+
+class _SnapshotJob:
+    """One snapshot file being written at `path`: by a forked child (`forked`), or already
+    written on the Raft thread (`done`).  Owned by the Raft thread, which polls it each tick and
+    either renames the finished file into place or abandons it.
+
+    Why a fork and not a thread (measured on the 2-core test machine with a ledger of 3M
+    transfers, a 640 MB process): `ledger.snapshot()` takes 0.9-2 s and holds the GIL through its
+    final msgpack call, so a writer thread stalled the loop for its whole length (a 2.4 s gap);
+    a consistent copy to hand a thread cost the loop 200-600 ms by itself.  The fork costs the
+    loop 30-60 ms (page tables), and the child sees the ledger exactly as it was at the fork,
+    serialises it on the other core without the GIL, and never takes the ledger lock (another
+    thread may have held it at the fork; nothing mutates the ledger but the forking thread).
+    `python -m bench.snapshot_bench` measures the stall both ways.
+
+    The child blocks every signal (so a SIGTERM meant for the node cannot run, or wake, the
+    parent's handlers through the inherited wakeup fd), dies with its parent (PR_SET_PDEATHSIG),
+    closes every inherited fd (a socket the parent closes must not stay open in the child), skips
+    garbage collection (it would touch, and so copy, every tracked object's page) and leaves with
+    `os._exit` (no atexit, no flushing of the parent's buffers)."""
+
+    __slots__ = ("path", "pid", "result")
+
+    def __init__(self, path: str, pid: int | None, result: bool | None):
+        self.path = path
+        self.pid = pid
+        self.result = result  # None while the child runs; then whether the file is complete
+
+    @classmethod
+    def done(cls, path: str) -> "_SnapshotJob":
+        return cls(path, None, True)
+
+    @classmethod
+    def forked(cls, path: str, write: Callable[[], None]) -> "_SnapshotJob":
+        """Fork a child that runs `write()` (which writes and syncs `path`) and exits 0, or 1 if
+        it raised.  Raft thread; returns as soon as the child exists."""
+        parent = os.getpid()
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        try:
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    gc.disable()
+                    if _PRCTL is not None:
+                        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
+                    if os.getppid() == parent:  # else the parent died before the prctl
+                        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+                        write()
+                        code = 0
+                finally:
+                    os._exit(code)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # the parent's (the child is gone)
+        return cls(path, pid, None)
+
+    def poll(self) -> bool | None:
+        """None while writing; True once `path` is complete (and synced); False if it failed."""
+        if self.result is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped by someone else: the outcome is unknown
+                pid, status = self.pid, 1
+            if pid:
+                self.pid = None
+                self.result = os.waitstatus_to_exitcode(status) == 0
+        return self.result
+
+    def abandon(self) -> None:
+        """Kill the child if it still runs, reap it, and remove its file.  Blocks only until the
+        killed child is gone (at most an fsync in progress)."""
+        if self.pid is not None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+            self.pid = None
+        self.result = False
+        _remove_quietly(self.path)
+
+
 # ==============================================================================================
 # ADAPTER OVER PYSYNCOBJ 0.3.17 INTERNALS
 #
@@ -99,10 +228,12 @@ def _fsync_dir(path: str) -> None:
 import pysyncobj  # noqa: E402  (kept inside the fence on purpose)
 import pysyncobj.pickle as _pso_pickle  # noqa: E402
 from pysyncobj import SyncObj, SyncObjConf  # noqa: E402
-from pysyncobj.config import FAIL_REASON  # noqa: E402
-from pysyncobj.journal import FileJournal, MetaStorer  # noqa: E402
+from pysyncobj.config import FAIL_REASON, SERIALIZER_STATE  # noqa: E402
+from pysyncobj.journal import (  # noqa: E402
+    FIRST_RECORD_OFFSET, LAST_RECORD_OFFSET_OFFSET, FileJournal, MetaStorer, ResizableFile)
 from pysyncobj.monotonic import monotonic as _pso_monotonic  # noqa: E402  (CLOCK_MONOTONIC_RAW)
 from pysyncobj.poller import POLL_EVENT_TYPE  # noqa: E402
+from pysyncobj.serializer import Serializer  # noqa: E402
 from pysyncobj.syncobj import _RAFT_STATE  # noqa: E402
 from pysyncobj.tcp_connection import TcpConnection  # noqa: E402
 from pysyncobj.transport import TCPTransport  # noqa: E402
@@ -152,17 +283,63 @@ class _DurableMetaStorer(MetaStorer):
         _fsync_dir(os.path.dirname(path) or ".")
 
 
+class _StaleRewrite(Exception):
+    """A journal rewrite that the journal moved past (not only appends since it began)."""
+
+
+_JOURNAL_U32 = struct.Struct("<I")
+_JOURNAL_IDX_TERM = struct.Struct("<QQ")
+
+
+def _rp_journal_records(entries) -> bytes:
+    """Journal records in upstream's FileJournal format (`FileJournal.add`): size, index and
+    term, command, size again."""
+    out = []
+    for command, idx, term in entries:
+        body = _JOURNAL_IDX_TERM.pack(idx, term) + _pso_pickle.to_bytes(command)
+        size = _JOURNAL_U32.pack(len(body))
+        out += (size, body, size)
+    return b"".join(out)
+
+
 class _RaftpayJournal(FileJournal):
     """Upstream's mmap journal plus a dirty flag, so the log is synced once per append round
-    (`rp_sync`) instead of never.  `flush()` is `mmap.flush()`, i.e. msync(MS_SYNC), which on
-    Linux syncs the file range and the size change like fdatasync."""
+    (`rp_sync`) instead of never, and a compaction that never rewrites the file in place.
+
+    `flush()` is `mmap.flush()`, i.e. msync(MS_SYNC), which on Linux syncs the file range and
+    the size change like fdatasync.
+
+    Compaction (`deleteEntriesTo`).  Upstream clears the file's header and rewrites the
+    remaining entries in place from its start, on the ticking thread: a crash half way left a
+    journal holding only a prefix of them (entries after a snapshot, acknowledged, gone), and
+    with a background snapshot the remaining entries are those appended while it was written
+    (MB under load).  Here the entries are dropped in memory at once, and the file keeps them as
+    a dead head: every upstream operation on the file works from its end (appends, suffix
+    deletes) or resets it (clear), so a dead head changes nothing but the file's size, and a
+    restart drops it again (`_RaftpaySyncObj._rp_align_journal`).  A worker thread then writes
+    the remaining entries to a new file and syncs it; the ticking thread appends what came since,
+    renames the new file over the journal and syncs the directory (`rp_finish_rewrite`, a few ms),
+    and the worker closes the old file (freeing a replaced journal's pages took 140 ms for
+    500 MB).  A crash at any point leaves the old file or the new one, both complete."""
+
+    #: A rewrite goes to `<journal>.compact.<n>` until renamed over the journal.
+    RP_STAGING_SUFFIX = ".compact."
 
     def __init__(self, path: str, fsync: bool):
         self.rp_path = path
+        folder, name = os.path.split(path)
+        for other in os.listdir(folder or "."):
+            if other.startswith(name + self.RP_STAGING_SUFFIX):  # a rewrite cut short
+                _remove_quietly(os.path.join(folder, other))
         super().__init__(path)
         self.rp_fsync = fsync
         self.rp_dirty = False
         self.rp_syncs = 0  # count of real syncs, for status and tests
+        self.rp_gen = 0  # bumped by every change but an append
+        self.rp_rewrite: tuple | None = None  # (staging path, future, count, rp_gen) in flight
+        self.rp_rewrites = 0  # files replaced so far (tests)
+        self.rp_worker = None  # one thread, made at the first compaction
+        self._rp_staging_seq = itertools.count(1)
         if fsync:
             self._FileJournal__metaStorer = _DurableMetaStorer(path + ".meta")
 
@@ -173,18 +350,117 @@ class _RaftpayJournal(FileJournal):
     def clear(self):
         super().clear()
         self.rp_dirty = True
+        self.rp_gen += 1
 
     def deleteEntriesFrom(self, entryFrom):
         super().deleteEntriesFrom(entryFrom)
         self.rp_dirty = True
+        self.rp_gen += 1
 
     def deleteEntriesTo(self, entryTo):
-        # Upstream calls this after a snapshot was renamed into place; the entries it drops exist
-        # only in that snapshot from now on, so make the rename durable first.
-        if self.rp_fsync:
+        # Upstream calls this right after `_RaftpaySerializer.checkSerializing` renamed a
+        # snapshot into place (or at start, `_rp_align_journal`): the entries dropped here exist
+        # in that snapshot.  The rewrite syncs the directory first, so that rename is durable
+        # before the file loses them.
+        kept = self._FileJournal__journal[entryTo:]
+        self._FileJournal__journal = kept
+        self.rp_gen += 1
+        worker = self._rp_get_worker()
+        if self.rp_rewrite is not None:  # superseded: removed once its write is over
+            worker.submit(_remove_quietly, self.rp_rewrite[0])
+        staging = f"{self.rp_path}{self.RP_STAGING_SUFFIX}{next(self._rp_staging_seq)}"
+        entries = list(kept)  # `kept` itself grows with every append
+        future = worker.submit(self._rp_write_staging, staging, entries)
+        self.rp_rewrite = (staging, future, len(entries), self.rp_gen)
+
+    def _rp_get_worker(self):
+        if self.rp_worker is None:
+            import concurrent.futures
+            self.rp_worker = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="raft-journal")
+        return self.rp_worker
+
+    def rp_close_later(self, f) -> None:
+        """Close `f` on the worker thread: the last close of a replaced (unlinked) file frees
+        its blocks, which costs the caller ~0.3 ms per MB here (ext4 with discard)."""
+        self._rp_get_worker().submit(f.close)
+
+    def _rp_write_staging(self, path: str, entries: list) -> int:
+        """Worker thread: sync the directory, then write a complete journal file of `entries`
+        and sync it; returns its end offset.  (Plain writes, not upstream's mmap: its page
+        faults would be taken holding the GIL.)"""
+        if self.rp_fsync:  # the snapshot's rename (see deleteEntriesTo)
             _fsync_dir(os.path.dirname(self.rp_path) or ".")
-        super().deleteEntriesTo(entryTo)
-        self.rp_dirty = True
+        body = _rp_journal_records(entries)
+        end = FIRST_RECORD_OFFSET + len(body)
+        with open(path, "wb") as f:
+            f.write(self._rp_header(end))
+            f.write(body)
+            f.flush()
+            if self.rp_fsync:
+                os.fdatasync(f.fileno())
+        return end
+
+    def _rp_header(self, end: int) -> bytes:
+        head = self._FileJournal__getDefaultHeader()
+        return head[:LAST_RECORD_OFFSET_OFFSET] + _JOURNAL_U32.pack(end)
+
+    def rp_finish_rewrite(self) -> None:
+        """Ticking thread, once a tick: put a finished rewrite in place (see the class)."""
+        if self.rp_rewrite is None or not self.rp_rewrite[1].done():
+            return
+        staging, future, count, gen = self.rp_rewrite
+        self.rp_rewrite = None
+        try:
+            end = future.result()
+            if gen != self.rp_gen:  # not only appends since: a suffix went, or all of it
+                raise _StaleRewrite()
+            tail = _rp_journal_records(self._FileJournal__journal[count:])
+            with open(staging, "r+b") as f:
+                f.seek(end)
+                f.write(tail)
+                end += len(tail)
+                f.seek(0)
+                f.write(self._rp_header(end))
+                f.flush()
+                if self.rp_fsync:
+                    os.fdatasync(f.fileno())
+            os.replace(staging, self.rp_path)
+        except Exception as e:
+            # The journal file keeps its dead head (correct, only larger); the next compaction
+            # tries again.
+            if not isinstance(e, _StaleRewrite):
+                log.warning("journal rewrite failed, the journal keeps its old file: %r", e)
+            self.rp_worker.submit(_remove_quietly, staging)
+            return
+        old_file = self._FileJournal__journalFile
+        self._FileJournal__journalFile = ResizableFile(self.rp_path)
+        self._FileJournal__currentOffset = end
+        self.rp_dirty = False  # all it holds was synced (or need not be)
+        self.rp_rewrites += 1
+        self.rp_worker.submit(self._rp_close_unsynced, old_file)  # see rp_close_later
+        if self.rp_fsync:
+            try:
+                _fsync_dir(os.path.dirname(self.rp_path) or ".")
+            except OSError as e:
+                # Appends now go to the new file; if its name is not durable they would be
+                # lost to a power cut although acknowledged.
+                raise FatalNodeError(f"cannot sync the journal's directory: {e!r}") from e
+
+    @staticmethod
+    def _rp_close_unsynced(rfile) -> None:
+        """Close a ResizableFile without upstream's msync (a wasted write-out for a file that
+        was replaced)."""
+        rfile._ResizableFile__mm.close()
+        rfile._ResizableFile__f.close()
+
+    def _destroy(self):
+        if self.rp_worker is not None:
+            self.rp_worker.shutdown(wait=True)  # a rewrite in flight ends (MB and one sync)
+            if self.rp_rewrite is not None:
+                _remove_quietly(self.rp_rewrite[0])
+            self.rp_rewrite = self.rp_worker = None
+        super()._destroy()
 
     def rp_sync(self) -> None:
         if self.rp_dirty:
@@ -531,12 +807,196 @@ class _LoopPoller:
             self._on_event()
 
 
+class _RaftpaySerializer(Serializer):
+    """Upstream's snapshot file handling with the snapshot written in the background.
+
+    Upstream's `serialize` calls the serializer hook and renames its temp file into place in one
+    call on the ticking thread.  Here `serialize` only starts a writer (`begin(last, prev) ->
+    _SnapshotJob`, the owner's `_begin_snapshot`), `checkSerializing` polls it once a tick, and
+    when it has finished the ticking thread renames the file to `fullDumpFile` and reports
+    SUCCESS, upon which upstream (same call, `__tryLogCompaction`) drops the journal entries up
+    to the snapshot (from memory at once, from the file in the background).  So:
+
+    * the file at `fullDumpFile` is always a complete one (synced before its rename; the rename
+      is synced before the journal file loses an entry), and it is replaced only on the ticking
+      thread: upstream's leader may open it for a transmission at any time (a writer in progress
+      does not pause transmissions; on SUCCESS those in flight are cancelled, since the entries
+      after the old snapshot were just dropped and the follower would need a new one anyway);
+    * a follower that installs the leader's snapshot abandons its own writer first, so an older
+      snapshot of its own can never be renamed over the installed one;
+    * stopping abandons the writer (kills and reaps the child, removes its file);
+    * at start (not at an install), a journal that still holds entries the snapshot covers
+      (a crash between the rename and the compaction) is compacted to the snapshot instead of
+      being cleared by upstream (`_RaftpaySyncObj._rp_align_journal`)."""
+
+    #: After a writer failed (full disk, fork refused), wait this long before the next try.
+    RP_RETRY_S = 1.0
+    #: A round adds at most this much of a snapshot for one follower, and nothing while this
+    #: much of it waits unsent; the next round goes on (see `getTransmissionData`).
+    RP_TRANSMIT_ROUND_BYTES = 1024 * 1024
+    RP_TRANSMIT_BACKLOG_BYTES = 2 * 1024 * 1024
+    #: While a snapshot is being sent, a new compaction waits (a placed snapshot restarts the
+    #: transmissions), unless the log grows past this many times logCompactionMinEntries.
+    RP_DEFER_FACTOR = 4
+
+    def __init__(self, so, conf: SyncObjConf, fsync: bool):
+        # Upstream's own fork is never used: `serialize` below replaces the code that forks.
+        super().__init__(conf.fullDumpFile, conf.logCompactionBatchSize, False, conf.serializer,
+                         conf.deserializer, None)
+        self.rp_so = so
+        self.rp_min_entries = conf.logCompactionMinEntries
+        self.rp_begin = conf.serializer
+        self.rp_fsync = fsync
+        self.rp_job: _SnapshotJob | None = None
+        self.rp_installing = False
+        self.rp_installs = 0  # snapshots installed from a leader
+        self.rp_round_bytes: dict = {}  # node -> snapshot bytes added in this round
+        self.rp_paused: dict = {}  # node -> its real nextIndex, while paused in this round
+        self.rp_retry_at = 0.0
+
+    def serialize(self, data, id):
+        """Upstream, on the ticking thread: `data` is (None, last applied entry, the entry
+        before it, cluster); on SUCCESS upstream drops the journal up to `id` (prev's index)."""
+        if self.rp_job is not None or time.monotonic() < self.rp_retry_at:
+            return
+        if (self._Serializer__transmissions and len(self.rp_so._SyncObj__raftLog)
+                < self.RP_DEFER_FACTOR * self.rp_min_entries):
+            # Each placed snapshot restarts the transmissions, and a follower whose snapshot
+            # takes longer to send than the leader takes to compact would never catch up.
+            return
+        _, last, prev, _cluster = data
+        # The writer captures the ledger now, so the snapshot must be of exactly this index.
+        assert last[1] == self.rp_so._SyncObj__raftLastApplied, (last[1], "not the applied index")
+        self._Serializer__currentID = id
+        try:
+            self.rp_job = self.rp_begin(tuple(last), tuple(prev))
+        except Exception:
+            log.exception("cannot start writing a snapshot; the journal keeps its entries")
+            self.rp_retry_at = time.monotonic() + self.RP_RETRY_S
+
+    def checkSerializing(self):
+        job = self.rp_job
+        if job is None:
+            return SERIALIZER_STATE.NOT_SERIALIZING, None
+        ident = self._Serializer__currentID
+        ok = job.poll()
+        if ok is None:
+            return SERIALIZER_STATE.SERIALIZING, ident
+        self.rp_job = None
+        if ok:
+            try:
+                # Not durable yet: the directory is synced by the journal's rewrite before it
+                # drops the covered entries from the file (`_RaftpayJournal.deleteEntriesTo`).
+                # Until then the journal file holds them, so a power cut that undoes this rename
+                # loses nothing.  The replaced snapshot is held open across the rename and
+                # closed by the journal's worker: freeing its blocks took the rename 15 ms for
+                # 50 MB here.
+                try:
+                    replaced = open(self._Serializer__fileName, "rb")
+                except FileNotFoundError:
+                    replaced = None
+                os.replace(job.path, self._Serializer__fileName)
+                if replaced is not None:
+                    self.rp_so._SyncObj__raftLog.rp_close_later(replaced)
+            except OSError:
+                log.exception("cannot put the snapshot in place; the journal keeps its entries")
+                ok = False
+        if not ok:
+            job.abandon()
+            self.rp_retry_at = time.monotonic() + self.RP_RETRY_S
+            return SERIALIZER_STATE.FAILED, ident
+        self.rp_cancel_transmissions()
+        return SERIALIZER_STATE.SUCCESS, ident
+
+    def setTransmissionData(self, data):
+        installed = super().setTransmissionData(data)
+        if installed:
+            # The leader's snapshot is in place and upstream loads it next (clearing the
+            # journal).  Ours, if one is being written, is older: drop it.
+            self.rp_abandon()
+            self.rp_installing = True
+            self.rp_installs += 1
+        return installed
+
+    def deserialize(self):
+        installing, self.rp_installing = self.rp_installing, False
+        data = super().deserialize()  # (None, last, prev, cluster) from the owner's reader
+        if not installing:
+            self.rp_so._rp_align_journal(prev=data[2], last=data[1])
+        return data
+
+    def getTransmissionData(self, transmissionID):
+        """The next chunk of the snapshot for follower `transmissionID` (upstream's
+        `__sendAppendEntries`, which sends it and asks again), or None to pause until the
+        next round.
+
+        Upstream's round keeps sending a follower behind the log's start chunks for up to a
+        whole heartbeat period (appendEntriesPeriod), whatever the socket takes: the leader's
+        loop stalled 100-600 ms at a time while a follower caught up (3M transfers), and the
+        unsent chunks piled up in memory.  Here a round adds at most RP_TRANSMIT_ROUND_BYTES,
+        and none while RP_TRANSMIT_BACKLOG_BYTES wait unsent; `Node` sends a round every
+        TRANSMIT_ROUND_S while a transmission is on.  To end upstream's loop for this follower
+        the pause sets its nextIndex past the log for the rest of the round (upstream then has
+        nothing more for it), and `rp_round_end` puts the real one back."""
+        conn = self.rp_so._SyncObj__transport._connections.get(transmissionID)
+        if ((conn is not None and conn.getSendBufferSize() >= self.RP_TRANSMIT_BACKLOG_BYTES)
+                or self.rp_round_bytes.get(transmissionID, 0) >= self.RP_TRANSMIT_ROUND_BYTES):
+            nxt = self.rp_so._SyncObj__raftNextIndex
+            if transmissionID in nxt:
+                self.rp_paused.setdefault(transmissionID, nxt[transmissionID])
+                nxt[transmissionID] = self.rp_so.rp_last_index() + 1
+            return None  # upstream sends a "nothing yet" and keeps the transmission's place
+        data = super().getTransmissionData(transmissionID)
+        if data:
+            self.rp_round_bytes[transmissionID] = (self.rp_round_bytes.get(transmissionID, 0)
+                                                   + len(data[0]))
+        return data
+
+    def rp_round_start(self) -> None:
+        self.rp_round_bytes.clear()
+
+    def rp_round_end(self) -> None:
+        nxt = self.rp_so._SyncObj__raftNextIndex
+        for node, index in self.rp_paused.items():
+            if node in nxt:
+                nxt[node] = index
+        self.rp_paused.clear()
+
+    def rp_transmitting(self) -> bool:
+        return bool(self._Serializer__transmissions)
+
+    def cancelTransmisstion(self, id):  # sic: upstream's name
+        # Upstream forgets the transmission of a disconnected node without closing its file.
+        t = self._Serializer__transmissions.pop(id, None)
+        if t is not None and t.get("file") is not None:
+            self.rp_so._SyncObj__raftLog.rp_close_later(t["file"])
+
+    def rp_cancel_transmissions(self) -> None:
+        # Closed on the journal's worker: one of them may hold the last reference to a
+        # replaced snapshot (see checkSerializing).
+        for t in self._Serializer__transmissions.values():
+            if t.get("file") is not None:
+                self.rp_so._SyncObj__raftLog.rp_close_later(t["file"])
+        self._Serializer__transmissions.clear()
+
+    def rp_abandon(self) -> None:
+        if self.rp_job is not None:
+            self.rp_job.abandon()
+            self.rp_job = None
+
+    def rp_destroy(self) -> None:
+        self.rp_abandon()
+        self.rp_cancel_transmissions()
+
+
 class _RaftpaySyncObj(SyncObj):
     """PySyncObj with the raftpay fixes.  Driven by exactly one thread through `rp_tick` (never
-    autoTick).  `owner` supplies the state machine, `_apply_entry(index, entry) -> replies` (`entry`
-    is the whole log command, our type byte included), and
-    `_fatal` (not None once the replica must acknowledge nothing more).  All `rp_*` methods
-    must be called on the thread that ticks, except the read-only ones `Node.status` uses."""
+    autoTick).  `owner` supplies the state machine, `_apply_entry(index, entry) -> replies`
+    (`entry` is the whole log command, our type byte included), and `_fatal` (not None once
+    the replica must acknowledge nothing more); `conf.serializer` is the owner's
+    `begin(last, prev) -> _SnapshotJob` and `conf.deserializer(path) -> (last, prev, None)`
+    (see `_RaftpaySerializer`).  All `rp_*` methods must be called on the thread that ticks,
+    except the read-only ones `Node.status` uses."""
 
     def __init__(self, owner, self_addr: str, other_addrs: list[str], conf: SyncObjConf,
                  journal_path: str, fsync: bool, poller: _LoopPoller | None = None):
@@ -554,6 +1014,8 @@ class _RaftpaySyncObj(SyncObj):
         # the durable subclass on the same file (it reads back what upstream just wrote).
         self._SyncObj__raftLog._destroy()
         self._SyncObj__raftLog = _RaftpayJournal(journal_path, fsync)
+        # Likewise the snapshot handling; nothing has been serialized or transmitted yet.
+        self._SyncObj__serializer = _RaftpaySerializer(self, conf, fsync)
 
     # Upstream assigns `self._poller = createPoller(conf.pollerType)` in its __init__ and hands
     # it to the transport; a loop poller given to us takes its place before anything subscribes.
@@ -576,8 +1038,10 @@ class _RaftpaySyncObj(SyncObj):
     def rp_tick(self, wait_s: float) -> None:
         """One upstream tick (commit, apply, heartbeats, our `_on_tick`, then poll for up to
         `wait_s`).  Anything appended since the last sync is synced first, so the leader's own
-        log is durable before the commit computation at the top of the tick counts it."""
+        log is durable before the commit computation at the top of the tick counts it; and a
+        journal rewritten in the background since the last tick is put in place."""
         self._rp_journal_sync()
+        self._SyncObj__raftLog.rp_finish_rewrite()
         self._onTick(wait_s)
 
     def rp_subscribe_fd(self, fd: int, on_readable: Callable[[], None]) -> None:
@@ -589,12 +1053,40 @@ class _RaftpaySyncObj(SyncObj):
     def rp_destroy(self) -> None:
         """Close sockets and files (on the ticking thread, after its last tick)."""
         self._rp_journal_sync()
-        # Upstream leaves a leader's snapshot transmission files open.
-        for t in list(self._SyncObj__serializer._Serializer__transmissions.values()):
-            f = t.get("file")
-            if f is not None:
-                f.close()
+        # A snapshot being written is abandoned (its child killed and reaped, its file removed):
+        # the journal still holds everything it would have covered.  Upstream also leaves a
+        # leader's transmission files open.
+        self._SyncObj__serializer.rp_destroy()
         self._doDestroy()
+
+    def _rp_align_journal(self, prev: tuple, last: tuple) -> None:
+        """At start, after the snapshot was read: if the journal still holds the snapshot's last
+        two entries past its head, drop the entries before them.
+
+        That is a crash between renaming a new snapshot into place and compacting the journal.
+        Upstream would see a journal whose head is not the snapshot's and clear it, losing every
+        entry after the snapshot, acknowledged ones included (the loss of upstream's fork mode:
+        its child renames on its own schedule).  Any other mismatch is left to upstream."""
+        log_ = self._SyncObj__raftLog
+        if len(log_) < 2 or (log_[0] == prev and log_[1] == last):
+            return
+        k = prev[1] - log_[0][1]
+        if 0 < k < len(log_) - 1 and log_[k] == prev and log_[k + 1] == last:
+            log.warning("journal starts at %d, before the snapshot's %d: dropping the entries the "
+                        "snapshot covers (a compaction was cut short)", log_[0][1], prev[1])
+            try:
+                log_.deleteEntriesTo(k)
+            except Exception as e:
+                self._rp_owner._fatal = e  # upstream would carry on with a broken log
+                raise
+
+    def rp_transmitting(self) -> bool:
+        """Leader: a snapshot is being sent to some follower (it goes on with every round)."""
+        return self._SyncObj__serializer.rp_transmitting()
+
+    def rp_snapshot_writing(self) -> bool:
+        """A snapshot is being written in the background (read-only; any thread)."""
+        return self._SyncObj__serializer.rp_job is not None
 
     def _rp_journal_sync(self) -> None:
         self._SyncObj__raftLog.rp_sync()
@@ -708,9 +1200,12 @@ class _RaftpaySyncObj(SyncObj):
         term = message["term"]
         if term < self._SyncObj__raftCurrentTerm:
             return  # a stale leader; upstream also ignores it without an answer
-        if "prevLogIdx" not in message or message.get("transmission") in ("start", "process"):
-            # Snapshot install (replaces the log wholesale) and the first chunks of a large
-            # entry (buffered, answered without success) are correct upstream.
+        if "prevLogIdx" not in message:
+            self._rp_on_snapshot_chunk(node, message)
+            return
+        if message.get("transmission") in ("start", "process"):
+            # The first chunks of a large entry (buffered, answered without success, commit
+            # index untouched) are correct upstream.
             SyncObj._SyncObj__onMessageReceived(self, node, message)
             return
         # Let upstream do its own term / leader / role / election-timer bookkeeping by handing it
@@ -780,6 +1275,35 @@ class _RaftpaySyncObj(SyncObj):
                 self._SyncObj__raftCommitIndex = new_commit
                 log_.setRaftCommitIndex(new_commit)
 
+    def _rp_on_snapshot_chunk(self, node, message):
+        """Follower side of a snapshot transmission: one chunk (`serialized`), or None when the
+        leader has nothing to send yet.  Upstream writes the chunk and installs the snapshot
+        after the last one (`_RaftpaySerializer.setTransmissionData`), and that is kept.  Two
+        things are not:
+
+        * upstream raises the commit index to min(leader's, own last index) on every such
+          message, over entries of this follower's log that nothing verified (a stale suffix of
+          an old term would be applied, and read by follower reads, until the install replaced
+          the ledger).  Here only an install moves it, to the installed snapshot's index;
+        * upstream restarts the election timer when the message arrives, and installing a large
+          snapshot (restoring the ledger) takes seconds: the follower then timed out at its next
+          tick and started an election against the leader it had just heard from (seen with 3M
+          transfers: 7 s).  Here the timer restarts when the install is over."""
+        serializer = self._SyncObj__serializer
+        installs = serializer.rp_installs
+        SyncObj._SyncObj__onMessageReceived(
+            self, node, dict(message, commit_index=self._SyncObj__raftCommitIndex))
+        self._SyncObj__leaderCommitIndex = message["commit_index"]
+        if serializer.rp_installs == installs:
+            return
+        applied = self._SyncObj__raftLastApplied  # the snapshot's last index, committed
+        if applied > self._SyncObj__raftCommitIndex:
+            self._SyncObj__raftCommitIndex = applied
+            self._SyncObj__raftLog.setRaftCommitIndex(applied)
+        if not self._SyncObj__transferInProgress:  # as upstream's append_entries handling
+            self._SyncObj__raftElectionDeadline = (_pso_monotonic()
+                                                   + self._SyncObj__generateRaftTimeout())
+
     def _rp_on_next_node_idx(self, node, message):
         """Leader side of an acknowledgement.  Upstream sets nextIndex to whatever a (possibly
         stale) reply says, which resends entries the follower holds; we only move it forward on
@@ -806,7 +1330,12 @@ class _RaftpaySyncObj(SyncObj):
     def _SyncObj__sendAppendEntries(self):
         self._rp_round += 1
         self._rp_commit_sent = self._SyncObj__raftCommitIndex
-        SyncObj._SyncObj__sendAppendEntries(self)
+        serializer = self._SyncObj__serializer
+        serializer.rp_round_start()
+        try:
+            SyncObj._SyncObj__sendAppendEntries(self)
+        finally:
+            serializer.rp_round_end()  # the nextIndex of followers paused in this round
 
     def _SyncObj__onBecomeLeader(self):
         self._rp_acked = {}
@@ -823,6 +1352,7 @@ class _RaftpaySyncObj(SyncObj):
 
 def _make_conf(*, raft_addr: str, data_dir: str, secret: str | None, election_timeout_s: float,
                heartbeat_s: float | None = None, batch_bytes: int = 2 ** 21,
+               socket_buffer_bytes: int = 2 ** 22,
                log_compaction_min_entries: int, serializer, deserializer) -> SyncObjConf:
     if heartbeat_s is None:
         heartbeat_s = election_timeout_s / 10
@@ -841,9 +1371,11 @@ def _make_conf(*, raft_addr: str, data_dir: str, secret: str | None, election_ti
         connectionRetryTime=max(election_timeout_s / 2, 0.05),
         journalFile=os.path.join(data_dir, JOURNAL_FILE),
         fullDumpFile=os.path.join(data_dir, SNAPSHOT_FILE),  # both, or a restart loses state
-        serializer=serializer,  # msgpack snapshots, not a pickle of our internals
+        # msgpack snapshots, not a pickle of our internals.  `serializer` is not upstream's
+        # (path, data) hook: `_RaftpaySerializer` calls it as begin(last, prev) -> _SnapshotJob.
+        serializer=serializer,
         deserializer=deserializer,
-        useFork=False,
+        useFork=False,  # upstream's fork is replaced, not used (see _RaftpaySerializer)
         logCompactionMinEntries=log_compaction_min_entries,
         dynamicMembershipChange=False,
         commandsWaitLeader=False,
@@ -852,6 +1384,11 @@ def _make_conf(*, raft_addr: str, data_dir: str, secret: str | None, election_ti
         bindAddress=raft_addr,  # only the given interface, not 0.0.0.0
         bindRetryTime=0.1,
         maxBindRetries=3,
+        # Upstream sets SO_SNDBUF/SO_RCVBUF to 64 KB (which also turns off the kernel's
+        # autotuning) and reads 64 KB at a time: a snapshot reached a restarted follower at
+        # 10-30 MB/s, one loop pass per 64 KB.  With 4 MB, 73 MB went in about a second.
+        sendBufferSize=socket_buffer_bytes,
+        recvBufferSize=socket_buffer_bytes,
     )
 
 # ==============================================================================================
@@ -948,6 +1485,13 @@ class Node:
     `append_entries_batch_bytes` is sent in chunks.  `on_apply(index, ts, replies)` runs on the
     Raft thread after each ledger entry is applied on this replica (any role).  `ledger_cls`
     defaults to `raftpay.ledger.Ledger` (`ledger_cls(session_ttl_ms=...)`, `.restore(bytes)`).
+
+    Every `log_compaction_min_entries` entries the node snapshots the ledger and drops the
+    journal entries the snapshot covers.  With `snapshot_in_background` (the default) a forked
+    child writes the snapshot and the Raft thread pauses only for the fork; False writes it on
+    the Raft thread (the old way: the node answers nothing and sends no heartbeat meanwhile;
+    kept for comparison, and for platforms without fork).  `snapshot_delay_s` is fault
+    injection for tests: every snapshot writer pauses that long half way through its file.
     """
 
     def __init__(self, node_id: str, raft_addr: str, peers: dict[str, str], data_dir: str, *,
@@ -958,7 +1502,8 @@ class Node:
                  on_apply: Callable[[int, int, list], None] | None = None,
                  propose_timeout_s: float = 30.0, read_timeout_s: float | None = None,
                  log_compaction_min_entries: int = 5000, max_pending_proposals: int = 100_000,
-                 ledger_cls=None):
+                 ledger_cls=None, snapshot_in_background: bool = hasattr(os, "fork"),
+                 snapshot_delay_s: float = 0.0):
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync must be one of {FSYNC_POLICIES}, not {fsync!r}")
         if heartbeat_ms is None:
@@ -990,6 +1535,9 @@ class Node:
         # pending reads NOT_LEADER/NO_LEADER; this deadline is only the backstop.
         self._read_timeout_s = read_timeout_s or 4 * self._election_timeout_s
         self._compaction_entries = log_compaction_min_entries
+        self._snapshot_in_background = snapshot_in_background
+        self._snapshot_delay_s = snapshot_delay_s
+        self._snapshot_seq = itertools.count(1)  # names the writers' files
         self._max_pending = max_pending_proposals
         if ledger_cls is None:
             from .ledger import Ledger as ledger_cls
@@ -1003,6 +1551,7 @@ class Node:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._stopped = threading.Event()
+        self._closed = threading.Event()  # set once the sockets, files and writer are released
         self._ready = threading.Event()
         self._fatal: BaseException | None = None
         self._tick_wait_s = min(0.05, self._election_timeout_s / 20)
@@ -1033,12 +1582,13 @@ class Node:
         self._wait_deadlines = _Heap()  # (deadline, seq, _Waiter)
         self._seq = itertools.count()
         self._next_ping = 0.0
+        self._next_transmit_round = 0.0
         # Until this monotonic time, a leader keeps trying to hand leadership over (step_down).
         self._step_down_until = 0.0
         self._next_step_down_try = 0.0
         self._step_down_avoid: frozenset = frozenset()
-        # (last log index, log size) as of the last tick: the journal itself is rewritten in
-        # place during compaction, so other threads must not read it directly.
+        # (last log index, log size) as of the last tick: the journal's entries and file are
+        # replaced during compaction, so other threads must not read it directly.
         self._published_log = (0, 0)
         # (role, term, leader raft addr), written together by the Raft thread once per tick.
         # Reading upstream's fields one by one from another thread could pair a new term with
@@ -1060,12 +1610,15 @@ class Node:
         if self._so is not None:
             raise RuntimeError("a Node starts once; create a new one to restart")
         os.makedirs(self.data_dir, exist_ok=True)
+        for name in os.listdir(self.data_dir):
+            if name.startswith(SNAPSHOT_WRITING_PREFIX):  # a writer's file; a crash left it
+                _remove_quietly(os.path.join(self.data_dir, name))
         self._ledger = self._ledger_cls(session_ttl_ms=self._session_ttl_ms)
         conf = _make_conf(raft_addr=self.raft_addr, data_dir=self.data_dir, secret=self._secret,
                           election_timeout_s=self._election_timeout_s,
                           heartbeat_s=self._heartbeat_s, batch_bytes=self._batch_bytes,
                           log_compaction_min_entries=self._compaction_entries,
-                          serializer=self._write_snapshot, deserializer=self._read_snapshot)
+                          serializer=self._begin_snapshot, deserializer=self._read_snapshot)
         if loop is not None:
             self._loop = loop
             self._loop_thread_id = threading.get_ident()
@@ -1102,8 +1655,10 @@ class Node:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop the Raft thread, answer everything pending (proposals OUTCOME_UNKNOWN, reads
-        NOT_LEADER/NO_LEADER, waits READ_NOT_READY), sync and close the log, release the port.
-        Blocks up to `timeout_s`.  Idempotent.  From a callback (the Raft thread) it only asks."""
+        NOT_LEADER/NO_LEADER, waits READ_NOT_READY), sync and close the log, release the port,
+        abandon a snapshot being written (its child is killed and reaped, its file removed; the
+        journal still holds what it would have covered).  Blocks up to `timeout_s`.
+        Idempotent.  From a callback (the Raft thread) it only asks."""
         if self._so is None or self._stopped.is_set():
             return
         self._stopping = True
@@ -1112,7 +1667,9 @@ class Node:
                 self._shutdown_raft()
             else:
                 self._wake()
-                self._stopped.wait(timeout_s)
+                # Not `_stopped`: that is set first thing in `_shutdown_raft`, before the port,
+                # the files and a snapshot writer in progress are released.
+                self._closed.wait(timeout_s)
             return
         self._wake()
         if self._thread is None:
@@ -1290,7 +1847,8 @@ class Node:
         st.update(role=role, term=term, commit_index=so.raftCommitIndex,
                   applied_index=so.raftLastApplied, last_log_index=last,
                   leader_id=self.leader_id, log_size=size,
-                  journal_syncs=so.rp_journal_syncs(), ready=self._ready.is_set())
+                  journal_syncs=so.rp_journal_syncs(), ready=self._ready.is_set(),
+                  snapshot_writing=so.rp_snapshot_writing())
         peers = {}
         for addr, p in so.rp_peers().items():
             entry = {"id": self._addr_to_id.get(addr, addr), "connected": p["connected"]}
@@ -1385,6 +1943,7 @@ class Node:
             for fd in fds:
                 if fd >= 0:
                     os.close(fd)
+            self._closed.set()
 
     def _answer_inboxes(self) -> None:
         """Answer requests that never reached the Raft thread (any thread; popleft is atomic,
@@ -1443,7 +2002,8 @@ class Node:
         is_leader = so.rp_is_leader()
         appended = self._take_proposals(so, is_leader)
         need_round = self._take_reads(so, is_leader)
-        if is_leader and (appended or need_round):
+        sent_round = is_leader and (appended or need_round)
+        if sent_round:
             so.rp_send_round()
             self._commit_notify_at = 0.0
         elif is_leader and so.rp_commit_unsent():
@@ -1459,6 +2019,11 @@ class Node:
             elif now >= self._commit_notify_at:
                 so.rp_send_round()
                 self._commit_notify_at = 0.0
+                sent_round = True
+        if is_leader and now >= self._next_transmit_round and so.rp_transmitting():
+            self._next_transmit_round = now + TRANSMIT_ROUND_S
+            if not sent_round:
+                so.rp_send_round()
         # The leader's own write overlaps the followers' (Raft §10.2.1); it is done before the
         # next tick's commit computation counts this leader.
         so._rp_journal_sync()
@@ -1576,19 +2141,68 @@ class Node:
             _call(self._on_apply, index, ts, replies)
         return replies
 
-    def _write_snapshot(self, path: str, raft_data) -> None:
-        """Upstream's `serializer` hook (Raft thread, during log compaction): write the ledger and
-        the two log entries upstream needs to resume, then fsync; upstream renames the file into
-        place and our journal fsyncs the directory before dropping entries."""
-        last, prev, _cluster = raft_data
+    def _begin_snapshot(self, last: tuple, prev: tuple) -> _SnapshotJob:
+        """Log compaction (Raft thread, called by the adapter right after applying `last`):
+        start writing a snapshot of the ledger as of now into a file of its own.  The adapter
+        renames it into place once the job reports it complete, and only then drops entries.
+
+        In the background (default) the Raft thread only forks: the child serialises the
+        copy-on-write ledger, so the snapshot is of exactly `last` however far the ledger moves
+        meanwhile.  The child must not take `self._lock` (another thread may have held it at
+        the fork); it needs no lock, being alone with its copy."""
+        path = os.path.join(self.data_dir, f"{SNAPSHOT_WRITING_PREFIX}{os.getpid()}."
+                                           f"{next(self._snapshot_seq)}")
+        if self._snapshot_in_background:
+            ledger = self._ledger
+            return _SnapshotJob.forked(
+                path, lambda: self._write_snapshot_file(path, last, prev, ledger.snapshot()))
         with self._lock:
             ledger_bytes = self._ledger.snapshot()
-        doc = {"format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION,
-               "last": list(last), "prev": list(prev), "ledger": ledger_bytes}
-        with open(path, "wb") as f:
-            f.write(msgpack.packb(doc, use_bin_type=True))
-            f.flush()
-            if self.fsync == "always":
+        try:
+            self._write_snapshot_file(path, last, prev, ledger_bytes)
+        except BaseException:
+            _remove_quietly(path)
+            raise
+        return _SnapshotJob.done(path)
+
+    def _write_snapshot_file(self, path: str, last: tuple, prev: tuple,
+                             ledger_bytes: bytes) -> None:
+        """Write one snapshot: the ledger and the two log entries upstream resumes from, as one
+        msgpack map; then fsync (the writer: a forked child, or the Raft thread).
+
+        The map is written piece by piece so the ledger's bytes (100+ MB for millions of
+        transfers) are not copied once more into a packed document: its value is a bin 32
+        header followed by the bytes themselves, which any msgpack reader takes as a bin."""
+        n = len(ledger_bytes)
+        if n >= 2 ** 32:
+            raise ValueError(f"ledger snapshot of {n} bytes does not fit a msgpack bin")
+        packer = msgpack.Packer(use_bin_type=True)
+        head = [packer.pack_map_header(5)]
+        for key, value in (("format", SNAPSHOT_FORMAT), ("version", SNAPSHOT_VERSION),
+                           ("last", list(last)), ("prev", list(prev)), ("ledger", None)):
+            head.append(packer.pack(key))
+            if key != "ledger":
+                head.append(packer.pack(value))
+        head.append(b"\xc6" + n.to_bytes(4, "big"))  # bin 32
+        body = memoryview(ledger_bytes)
+        sync = self.fsync == "always"
+
+        def write_all(f, data) -> None:  # an unbuffered write may take only part
+            data = memoryview(data)
+            while data:
+                data = data[f.write(data):]
+        with open(path, "wb", buffering=0) as f:
+            write_all(f, b"".join(head))
+            for pos in range(0, n, SNAPSHOT_SYNC_BYTES):
+                if self._snapshot_delay_s and pos <= n // 2 < pos + SNAPSHOT_SYNC_BYTES:
+                    write_all(f, body[pos:n // 2])
+                    time.sleep(self._snapshot_delay_s)  # a half-written file, for the tests
+                    write_all(f, body[n // 2:pos + SNAPSHOT_SYNC_BYTES])
+                else:
+                    write_all(f, body[pos:pos + SNAPSHOT_SYNC_BYTES])
+                if sync:
+                    os.fdatasync(f.fileno())
+            if sync:
                 os.fsync(f.fileno())
 
     def _read_snapshot(self, path: str):

@@ -583,6 +583,17 @@ class _Conn(asyncio.Protocol):
 #: Fault injection for tests: a node started with this variable reads a wall clock shifted by
 #: that many milliseconds (the nemesis skews clocks this way; the system clock is left alone).
 CLOCK_SKEW_ENV = "RAFTPAY_CLOCK_SKEW_MS"
+#: Fault injection for tests: every snapshot writer of a node started with this variable pauses
+#: that many milliseconds half way through its file (a large ledger, made slow on purpose).
+SNAPSHOT_DELAY_ENV = "RAFTPAY_SNAPSHOT_DELAY_MS"
+
+
+def _snapshot_delay_s() -> float:
+    import os
+    delay_ms = int(os.environ.get(SNAPSHOT_DELAY_ENV, "0") or 0)
+    if delay_ms:
+        log.warning("snapshot writers pause %d ms (%s)", delay_ms, SNAPSHOT_DELAY_ENV)
+    return delay_ms / 1000
 
 
 def _wall_clock() -> Callable[[], int]:
@@ -710,8 +721,10 @@ async def serve(cfg, *, stop: asyncio.Event | None = None, on_ready=None) -> Non
                 election_timeout_ms=cfg.raft.election_timeout_ms,
                 heartbeat_ms=cfg.raft.heartbeat_ms,
                 append_entries_batch_bytes=cfg.raft.append_entries_batch_bytes,
+                log_compaction_min_entries=cfg.raft.log_compaction_entries,
                 session_ttl_ms=cfg.ledger.session_ttl_ms,
-                on_apply=lambda index, ts, replies: _observe(hlc, ts))
+                on_apply=lambda index, ts, replies: _observe(hlc, ts),
+                snapshot_delay_s=_snapshot_delay_s())
     by_id = {p.id: p.client_addr for p in cfg.cluster.peers}
     mirror = None
     if cfg.zk.hosts:

@@ -467,20 +467,35 @@ def test_term_vote_and_snapshot_files_are_fsynced(tmp_path, monkeypatch):
     assert synced == [meta + ".tmp", str(tmp_path)]  # the temp file, then the dir after rename
     assert rn.MetaStorer(meta).getMeta()["currentTerm"] == 7
 
-    synced.clear()
-    n = Node("a", free_addr(), {}, str(tmp_path / "a"), log_compaction_min_entries=5,
-             election_timeout_ms=ELECTION_MS)
-    n.start()
-    try:
-        wait_for(n.is_leader, what="single node leads")
-        for _ in range(12):
-            assert propose(n, {"type": "tick"})[0] == Code.OK
-        snap = str(tmp_path / "a" / rn.SNAPSHOT_FILE)
-        wait_for(lambda: os.path.exists(snap), what="a snapshot")
-        assert snap + ".tmp" in synced  # written and synced before upstream renames it
-        assert str(tmp_path / "a") in synced  # the directory, before entries are dropped
-    finally:
-        n.stop()
+    # Snapshots are written by a forked child: record every fsync, the child's too, in a file.
+    record = str(tmp_path / "fsyncs.txt")
+
+    def fsync_to_file(fd):
+        real_fsync(fd)
+        with open(record, "a") as f:
+            f.write(os.readlink(f"/proc/self/fd/{fd}") + "\n")
+    monkeypatch.setattr(rn.os, "fsync", fsync_to_file)
+    for background in (True, False):
+        d = tmp_path / f"a-{background}"
+        n = Node("a", free_addr(), {}, str(d), log_compaction_min_entries=5,
+                 election_timeout_ms=ELECTION_MS, snapshot_in_background=background)
+        n.start()
+        try:
+            wait_for(n.is_leader, what="single node leads")
+            for _ in range(12):
+                assert propose(n, {"type": "tick"})[0] == Code.OK
+            snap = str(d / rn.SNAPSHOT_FILE)
+            wait_for(lambda: os.path.exists(snap), what="a snapshot")
+        finally:
+            n.stop()
+        with open(record) as f:
+            synced = f.read().split()
+        # The writer's file was synced before it was renamed into place, and the directory
+        # after the rename, before entries were dropped.
+        writing = [k for k, p in enumerate(synced)
+                   if p.startswith(str(d / rn.SNAPSHOT_WRITING_PREFIX))]
+        assert writing, synced
+        assert str(d) in synced[writing[0] + 1:], synced
 
 
 # --- stage 5: reads ---------------------------------------------------------------------------

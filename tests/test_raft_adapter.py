@@ -19,8 +19,8 @@ import pytest
 
 import pysyncobj
 from pysyncobj import SyncObj, SyncObjConf, replicated
-from pysyncobj.config import FAIL_REASON
-from pysyncobj.journal import FileJournal, MetaStorer
+from pysyncobj.config import FAIL_REASON, SERIALIZER_STATE
+from pysyncobj.journal import FileJournal, MetaStorer, ResizableFile
 from pysyncobj.serializer import Serializer
 from pysyncobj.syncobj import _COMMAND_TYPE, _RAFT_STATE
 from pysyncobj.poller import POLL_EVENT_TYPE, Poller
@@ -73,7 +73,7 @@ class _Owner:
         self.applied.append((index, entry[1:]))  # the entry without our type byte
         return [index]
 
-    def _write_snapshot(self, path, data):  # not exercised here (compaction is far away)
+    def _begin_snapshot(self, last, prev):  # not exercised here (compaction is far away)
         raise AssertionError("unexpected compaction")
 
     def _read_snapshot(self, path):
@@ -101,7 +101,7 @@ def bare_pair(tmp_path):
         o.destroy()
 
 
-def _rp_pair(tmp_path, batch_bytes=2 ** 21):
+def _rp_pair(tmp_path, batch_bytes=2 ** 21, socket_buffer_bytes=2 ** 22):
     objs = []
     addrs = [free_addr(), free_addr()]
     for i, addr in enumerate(addrs):
@@ -110,8 +110,9 @@ def _rp_pair(tmp_path, batch_bytes=2 ** 21):
         owner = _Owner()
         conf = rn._make_conf(raft_addr=addr, data_dir=str(d), secret=None,
                              election_timeout_s=0.2, batch_bytes=batch_bytes,
+                             socket_buffer_bytes=socket_buffer_bytes,
                              log_compaction_min_entries=100_000,
-                             serializer=owner._write_snapshot, deserializer=owner._read_snapshot)
+                             serializer=owner._begin_snapshot, deserializer=owner._read_snapshot)
         so = rn._RaftpaySyncObj(owner, addr, [a for a in addrs if a != addr], conf,
                                 str(d / rn.JOURNAL_FILE), fsync=True)
         objs.append(so)
@@ -154,6 +155,10 @@ SYNCOBJ_METHODS = [
     "_SyncObj__doApplyCommand", "_SyncObj__sendNextNodeIdx", "_SyncObj__getEntries",
     "_SyncObj__deleteEntriesFrom", "_onTick", "_doDestroy", "addOnTickCallback", "isReady",
     "isNodeConnected", "_getRaftLogSize", "_isLeader", "_getLeader",
+    # Log compaction (`_RaftpaySerializer`, `_rp_align_journal`); behaviour pinned below.
+    "_SyncObj__tryLogCompaction", "_SyncObj__loadDumpFile", "_SyncObj__deleteEntriesTo",
+    # The election timer restarted after an install (`_rp_on_snapshot_chunk`).
+    "_SyncObj__generateRaftTimeout",
 ]
 # Instance attributes the adapter reads or writes.
 SYNCOBJ_ATTRS = [
@@ -162,7 +167,8 @@ SYNCOBJ_ATTRS = [
     "_SyncObj__raftMatchIndex", "_SyncObj__raftNextIndex", "_SyncObj__lastResponseTime",
     "_SyncObj__commandsWaitingCommit", "_SyncObj__leaderCommitIndex",
     "_SyncObj__recvTransmission", "_SyncObj__otherNodes", "_SyncObj__transport",
-    "_SyncObj__serializer", "_poller",
+    "_SyncObj__serializer", "_poller", "_SyncObj__transferInProgress",
+    "_SyncObj__raftElectionDeadline",
 ]
 # Set only by the test of partly sent entries (to switch heartbeats and elections off).
 SYNCOBJ_TEST_ATTRS = ["_SyncObj__conf", "_SyncObj__raftElectionDeadline",
@@ -215,6 +221,107 @@ def test_internal_names_exist(tmp_path):
     assert callable(Serializer.deserialize)
 
 
+def test_serializer_and_journal_internals_we_use(tmp_path):
+    """`_RaftpaySerializer` subclasses upstream's Serializer (constructed with upstream's
+    arguments, overriding the methods SyncObj calls) and `_RaftpayJournal.rp_replace` swaps the
+    journal's file under FileJournal."""
+    import inspect
+    assert list(inspect.signature(Serializer.__init__).parameters) == [
+        "self", "fileName", "transmissionBatchSize", "tryUseFork", "serializer", "deserializer",
+        "serializeChecker"]
+    for name in ("serialize", "checkSerializing", "setTransmissionData", "getTransmissionData",
+                 "deserialize", "cancelTransmisstion"):
+        assert callable(getattr(Serializer, name, None)), f"Serializer.{name} is gone"
+    assert (SERIALIZER_STATE.NOT_SERIALIZING, SERIALIZER_STATE.SERIALIZING,
+            SERIALIZER_STATE.SUCCESS, SERIALIZER_STATE.FAILED) == (0, 1, 2, 3)
+    path = tmp_path / "snap"
+    path.write_bytes(b"0123456789")
+    ser = Serializer(str(path), 4, False, print, print, None)
+    for name in ("_Serializer__currentID", "_Serializer__fileName", "_Serializer__transmissions",
+                 "_Serializer__pid"):
+        assert hasattr(ser, name), f"Serializer has no {name}"
+    # A leader transmits the file in place, in transmissionBatchSize chunks, whenever `__pid` is
+    # 0 (upstream's "not forking"): ours never sets it, so a writer in progress does not pause
+    # transmissions.  Each transmission keeps the file object it opened.
+    assert ser._Serializer__pid == 0
+    assert ser.getTransmissionData("n") == (b"0123", True, False)
+    assert not ser._Serializer__transmissions["n"]["file"].closed
+    ser._Serializer__transmissions["n"]["file"].close()
+    # An install lands at fileName (renamed from upstream's own temp file).
+    assert ser.setTransmissionData((b"abc", True, True)) and path.read_bytes() == b"abc"
+
+    j = FileJournal(str(tmp_path / "j"))
+    try:
+        j.add(b"x", 1, 1)
+        assert j._FileJournal__journal == [(b"x", 1, 1)]
+        assert isinstance(j._FileJournal__currentOffset, int)
+        rfile = j._FileJournal__journalFile
+        assert isinstance(rfile, ResizableFile)
+        assert rfile._ResizableFile__mm.size() >= 0 and rfile._ResizableFile__f.fileno() >= 0
+    finally:
+        j._destroy()
+    assert list(inspect.signature(ResizableFile.__init__).parameters)[:2] == ["self", "fileName"]
+    assert hasattr(SyncObjConf(), "logCompactionBatchSize")
+
+
+class _FakeSerializer:
+    def __init__(self, snapshot=None):
+        self.state = (SERIALIZER_STATE.NOT_SERIALIZING, None)
+        self.calls = []
+        self.snapshot = snapshot
+
+    def checkSerializing(self):
+        return self.state
+
+    def serialize(self, data, id):
+        self.calls.append((data, id))
+
+    def deserialize(self):
+        return self.snapshot
+
+
+def test_log_compaction_protocol_we_rely_on(tmp_path):
+    """`__tryLogCompaction` (once a tick): with the log long enough it calls serialize with
+    (data, the last applied entry, the one before, cluster) and prev's index as the id; a later
+    SUCCESS from checkSerializing drops the journal up to that id in the same call, FAILED drops
+    nothing.  `__loadDumpFile` at start calls deserialize and, when the journal's head is not
+    the snapshot's two entries, clears the whole journal: why `_rp_align_journal` exists."""
+    so = _Bare(free_addr(), [], _bare_conf(str(tmp_path), "x", logCompactionMinEntries=3,
+                                          serializer=print, deserializer=print))
+    try:
+        tick_until([so], so._isLeader, what="single node leads")
+        for i in range(6):
+            so.add(i)
+        tick_until([so], lambda: len(so.values) == 6, what="applied")
+        fake = so._SyncObj__serializer = _FakeSerializer()
+        so._SyncObj__tryLogCompaction()
+        ((data, ident),) = fake.calls
+        applied = so.raftLastApplied
+        assert data[0] is None  # a custom serializer: upstream pickles nothing of its own
+        assert data[1] == so._SyncObj__raftLog[applied - 1] and data[1][1] == applied
+        assert data[2][1] == applied - 1 == ident
+        before = _log(so)
+        fake.state = (SERIALIZER_STATE.FAILED, ident)
+        so._SyncObj__tryLogCompaction()
+        assert _log(so) == before
+        fake.state = (SERIALIZER_STATE.SUCCESS, ident)
+        so._SyncObj__tryLogCompaction()
+        assert _log(so) == before[ident - 1:] and _log(so)[0][1] == ident
+
+        # A snapshot newer than the journal's head: upstream clears the journal to the
+        # snapshot's two entries, dropping what followed them.
+        for i in range(3):
+            so.add(i)
+        tick_until([so], lambda: len(so.values) == 9, what="applied")
+        journal = _log(so)
+        prev, last = journal[1], journal[2]
+        so._SyncObj__serializer = _FakeSerializer((None, last, prev, set()))
+        so._SyncObj__loadDumpFile(clearJournal=False)
+        assert _log(so) == [prev, last] and len(journal) > 3
+    finally:
+        so.destroy()
+
+
 def test_enums_we_map():
     assert (_RAFT_STATE.FOLLOWER, _RAFT_STATE.CANDIDATE, _RAFT_STATE.LEADER) == (0, 1, 2)
     assert {FAIL_REASON.SUCCESS, FAIL_REASON.QUEUE_FULL, FAIL_REASON.MISSING_LEADER,
@@ -232,7 +339,8 @@ def test_conf_options_we_set_exist():
                    "leaderFallbackTimeout", "connectionTimeout", "connectionRetryTime",
                    "journalFile", "fullDumpFile", "serializer", "deserializer", "useFork",
                    "logCompactionMinEntries", "dynamicMembershipChange", "commandsWaitLeader",
-                   "password", "bindAddress", "bindRetryTime", "maxBindRetries"):
+                   "password", "bindAddress", "bindRetryTime", "maxBindRetries",
+                   "sendBufferSize", "recvBufferSize", "logCompactionBatchSize"):
         assert hasattr(conf, option), option
     rn._make_conf(raft_addr="127.0.0.1:1", data_dir="/tmp", secret=None, election_timeout_s=0.2,
                   log_compaction_min_entries=10, serializer=print, deserializer=print).validate()
@@ -387,6 +495,44 @@ def test_adapter_follower_replaces_only_a_conflicting_suffix(rp_pair):
     assert follower.raftCommitIndex == max(commit_before, last + 1)
 
 
+def _stale_suffix_and_chunk(leader, follower):
+    """Stale uncommitted entries of the current term sit past the follower's end (a leader of
+    that term crashed with them unreplicated); then a snapshot chunk arrives from a leader whose
+    commit index is far ahead."""
+    last, term = _log(follower)[-1][1], _log(follower)[-1][2]
+    for k in range(1, 4):
+        follower._SyncObj__raftLog.add(b"stale", last + k, term)
+    return {"type": "append_entries", "term": term, "commit_index": last + 50,
+            "serialized": (b"chunk", True, False)}
+
+
+def test_upstream_follower_commits_unverified_entries_on_a_snapshot_chunk(bare_pair):
+    leader, follower = _leader_follower(bare_pair)
+    leader.add(1)
+    tick_until(bare_pair, lambda: len(follower.values) == 1, what="1 entry applied")
+    commit = follower.raftCommitIndex
+    msg = _stale_suffix_and_chunk(leader, follower)
+    follower._SyncObj__onMessageReceived(_the_other(follower), msg)
+    assert follower.raftCommitIndex == commit + 3  # the stale entries count as committed
+
+
+def test_adapter_follower_commits_nothing_on_a_snapshot_chunk(rp_pair):
+    """Only an install moves the commit index on the snapshot path (to the snapshot's)."""
+    leader, follower = _leader_follower(rp_pair)
+    leader.rp_append(rn.ENTRY_LEDGER + b"a", lambda *a: None)
+    leader.rp_send_round()
+    tick_until(rp_pair, lambda: follower.raftCommitIndex >= leader.rp_last_index()
+               or (leader.rp_send_round() and False), what="committed on follower")
+    commit = follower.raftCommitIndex
+    msg = _stale_suffix_and_chunk(leader, follower)
+    follower._SyncObj__onMessageReceived(_the_other(follower), msg)
+    assert follower.raftCommitIndex == commit
+    assert follower._SyncObj__leaderCommitIndex == msg["commit_index"]  # upstream's onReady
+    msg["serialized"] = None  # a leader's "nothing yet"
+    follower._SyncObj__onMessageReceived(_the_other(follower), msg)
+    assert follower.raftCommitIndex == commit
+
+
 def test_adapter_refuses_to_overwrite_a_committed_entry(rp_pair):
     leader, follower = _leader_follower(rp_pair)
     leader.rp_append(rn.ENTRY_LEDGER + b"a", lambda *a: None)
@@ -490,7 +636,8 @@ def test_a_partly_sent_entry_is_finished_without_waiting_for_another_send(tmp_pa
     to that node, normally a heartbeat.  With heartbeats and elections switched off after the
     leader is elected, the rest of a 3 MB entry must still arrive: the adapter subscribes the
     connection for writability, and upstream's handler sends the rest."""
-    pair = _rp_pair(tmp_path, batch_bytes=8 * 1024 * 1024)
+    # Upstream's 64 KB socket buffers: the kernel cannot take the entry in one go.
+    pair = _rp_pair(tmp_path, batch_bytes=8 * 1024 * 1024, socket_buffer_bytes=2 ** 16)
     try:
         leader, follower = _leader_follower(pair)
         tick_until(pair, leader.rp_committed_in_term, what="no-op committed")
