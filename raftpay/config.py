@@ -360,10 +360,13 @@ def _peers_from_toml(value: Any, problems: list[tuple[str, str]]) -> tuple[Peer,
 def _resolve_paths(cfg: NodeConfig, folder: str) -> NodeConfig:
     # Relative to the file, not to the working directory: the same command line must find the
     # same data whichever folder it is started from.
+    # Normalised either way ("/data/." and "/data" are one folder, and must read as one).
     d = cfg.node.data_dir
-    if d and not os.path.isabs(d):
-        d = os.path.normpath(os.path.join(folder, os.path.expanduser(d)))
-        cfg = dataclasses.replace(cfg, node=dataclasses.replace(cfg.node, data_dir=d))
+    if d:
+        d = os.path.expanduser(d)
+        d = os.path.normpath(d if os.path.isabs(d) else os.path.join(folder, d))
+        if d != cfg.node.data_dir:
+            cfg = dataclasses.replace(cfg, node=dataclasses.replace(cfg.node, data_dir=d))
     return cfg
 
 

@@ -445,3 +445,13 @@ def test_config_objects_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.raft.heartbeat_ms = 1  # type: ignore[misc]
     assert copy.deepcopy(cfg) == cfg
+
+
+@pytest.mark.parametrize("given, want", [("/.", "/"), ("/data/./n1/", "/data/n1"),
+                                         ("/data//n1/..", "/data")])
+def test_an_absolute_data_dir_is_normalised_too(tmp_path, given, want):
+    """Found by the round-trip property above: "/." loaded back as "/." (only relative paths
+    were normalised), so one folder could be named two ways."""
+    base = config.make_local_cluster(3, 7001, "/tmp/x", "s3cret-s3cret-s3cret")[0]
+    cfg = dataclasses.replace(base, node=dataclasses.replace(base.node, data_dir=given))
+    assert config.load(write(tmp_path, config.dump_toml(cfg))).node.data_dir == want
