@@ -853,6 +853,9 @@ class _RaftpaySerializer(Serializer):
         self.rp_round_bytes: dict = {}  # node -> snapshot bytes added in this round
         self.rp_paused: dict = {}  # node -> its real nextIndex, while paused in this round
         self.rp_retry_at = 0.0
+        self.rp_out_end: dict = {}  # leader: node -> bytes sent of its snapshot so far
+        self.rp_in_offset = 0  # follower: bytes of the incoming snapshot received in order
+        self.rp_gaps = 0  # follower: incoming snapshots dropped for a gap (status, tests)
 
     def serialize(self, data, id):
         """Upstream, on the ticking thread: `data` is (None, last applied entry, the entry
@@ -909,7 +912,35 @@ class _RaftpaySerializer(Serializer):
         return SERIALIZER_STATE.SUCCESS, ident
 
     def setTransmissionData(self, data):
-        installed = super().setTransmissionData(data)
+        """Follower: one chunk, ``((offset, bytes), is_first, is_last)`` (see
+        `getTransmissionData`).  A chunk that does not start where the file so far ends drops
+        the incoming snapshot: upstream appends whatever arrives, so a chunk lost on the way
+        (seen once in a failover run: exactly one 64 KiB chunk missing) was installed as a
+        truncated snapshot, which the replica cannot load and stops on.  After a drop the rest
+        of that transmission is ignored, the follower's log still does not match, and the
+        leader starts the snapshot again from its first chunk."""
+        if data is None:
+            return False
+        try:
+            (offset, chunk), is_first, is_last = data
+            if type(offset) is not int or not isinstance(chunk, bytes):
+                raise ValueError
+        except (TypeError, ValueError):
+            log.warning("dropping a snapshot chunk that is not ((offset, bytes), first, last)")
+            return False
+        if is_first:
+            self.rp_in_offset = 0
+        if offset != self.rp_in_offset or (
+                not is_first and self._Serializer__incomingTransmissionFile is None):
+            if self._Serializer__incomingTransmissionFile is not None:
+                log.warning("snapshot chunk at %d, expected %d: dropping the incoming snapshot; "
+                            "the leader will send it again", offset, self.rp_in_offset)
+                self._Serializer__incomingTransmissionFile.close()
+                self._Serializer__incomingTransmissionFile = None
+                self.rp_gaps += 1
+            return False
+        self.rp_in_offset = offset + len(chunk)
+        installed = super().setTransmissionData((chunk, is_first, is_last))
         if installed:
             # The leader's snapshot is in place and upstream loads it next (clearing the
             # journal).  Ours, if one is being written, is older: drop it.
@@ -948,8 +979,18 @@ class _RaftpaySerializer(Serializer):
             return None  # upstream sends a "nothing yet" and keeps the transmission's place
         data = super().getTransmissionData(transmissionID)
         if data:
+            chunk, is_first, is_last = data
             self.rp_round_bytes[transmissionID] = (self.rp_round_bytes.get(transmissionID, 0)
-                                                   + len(data[0]))
+                                                   + len(chunk))
+            # Each chunk says where it belongs (`setTransmissionData` checks it); upstream's
+            # leader reads only `is_last` from what this returns.
+            t = self._Serializer__transmissions.get(transmissionID)
+            offset = (t["transmitted"] if t is not None else 0) - len(chunk)
+            if is_last and t is None:  # upstream forgot the finished transmission
+                offset = self.rp_out_end.pop(transmissionID, 0)
+            elif t is not None:
+                self.rp_out_end[transmissionID] = t["transmitted"]
+            data = ((offset, chunk), is_first, is_last)
         return data
 
     def rp_round_start(self) -> None:
@@ -1164,13 +1205,19 @@ class _RaftpaySyncObj(SyncObj):
         appendEntries keep its links busy).  Upstream checks a connection's read timeout only
         when it sends on it, so an idle follower<->follower link is declared dead at the first
         vote request after a quiet period and that vote is lost, costing a whole extra election
-        timeout on failover."""
+        timeout on failover.
+
+        The leader is pinged too while a snapshot from it is coming in: a follower answers the
+        chunks of a snapshot with nothing until the install, so after connectionTimeout (3.5 s)
+        of chunks the leader's side of the link read as dead and was dropped, and a snapshot
+        that takes longer than that to send (100 MB here) was never received whole."""
         if self._SyncObj__raftState == _RAFT_STATE.LEADER:
             return
         leader = self._SyncObj__raftLeader
+        receiving = self._SyncObj__serializer._Serializer__incomingTransmissionFile is not None
         transport = self._SyncObj__transport
         for n in self._SyncObj__otherNodes:
-            if n != leader and self.isNodeConnected(n):
+            if (n != leader or receiving) and self.isNodeConnected(n):
                 transport.send(n, {"type": _MSG_PING})
 
     # --- replaced / wrapped upstream internals ----------------------------------------------

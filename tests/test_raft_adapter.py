@@ -525,6 +525,7 @@ def test_adapter_follower_commits_nothing_on_a_snapshot_chunk(rp_pair):
                or (leader.rp_send_round() and False), what="committed on follower")
     commit = follower.raftCommitIndex
     msg = _stale_suffix_and_chunk(leader, follower)
+    msg["serialized"] = ((0, b"chunk"), True, False)  # our chunks say where they go
     follower._SyncObj__onMessageReceived(_the_other(follower), msg)
     assert follower.raftCommitIndex == commit
     assert follower._SyncObj__leaderCommitIndex == msg["commit_index"]  # upstream's onReady
@@ -758,3 +759,26 @@ def test_send_queue_joins_small_frames_and_consumes_across_them():
     assert len(q) == 5 and bytes(q.peek()) == b"defgh"
     q.consume(5)
     assert not q and len(q) == 0
+
+
+def test_a_follower_receiving_a_snapshot_keeps_the_leaders_link_alive(rp_pair, tmp_path):
+    """A follower answers snapshot chunks with nothing until the install; upstream's leader
+    then read the link as dead after connectionTimeout and dropped it mid-snapshot, so a
+    100 MB snapshot (longer than that to send) never arrived whole.  While a snapshot comes
+    in, the follower's keepalives go to the leader too; otherwise they do not."""
+    leader, follower = _leader_follower(rp_pair)
+    sent = []
+    transport = follower._SyncObj__transport
+    orig = transport.send
+    transport.send = lambda node, msg: sent.append((node, msg.get("type"))) or orig(node, msg)
+    try:
+        follower.rp_ping_peers()
+        assert sent == []  # a 2-node group: the only peer is the leader
+        ser = follower._SyncObj__serializer
+        ser._Serializer__incomingTransmissionFile = open(tmp_path / "incoming", "wb")
+        follower.rp_ping_peers()
+        assert sent == [(follower._SyncObj__raftLeader, rn._MSG_PING)]
+    finally:
+        transport.send = orig
+        ser._Serializer__incomingTransmissionFile.close()
+        ser._Serializer__incomingTransmissionFile = None

@@ -444,7 +444,7 @@ def test_installing_the_leaders_snapshot_abandons_the_followers_own_writer(tmp_p
     assert ser.checkSerializing() == (SERIALIZER_STATE.SERIALIZING, 9)
     pid = jobs[0].pid
     wait_for(lambda: os.path.exists(path), what="the writer's file")
-    assert ser.setTransmissionData((b"installed", True, True))
+    assert ser.setTransmissionData(((0, b"installed"), True, True))
     assert gone(pid) and not os.path.exists(path)
     assert ser.checkSerializing() == (SERIALIZER_STATE.NOT_SERIALIZING, None)
     with open(tmp_path / rn.SNAPSHOT_FILE, "rb") as fh:
@@ -467,12 +467,12 @@ def test_placing_a_snapshot_restarts_transmissions_from_the_new_file(tmp_path):
     ser = _serializer(tmp_path, begin)
     ser.serialize(DATA, 9)
     # A transmission starts, and goes on, while the snapshot is written: from the file in place.
-    assert ser.getTransmissionData("f") == (b"old-", True, False)
+    assert ser.getTransmissionData("f") == ((0, b"old-"), True, False)
     opened = ser._Serializer__transmissions["f"]["file"]
-    assert ser.getTransmissionData("f") == (b"snap", False, False)
+    assert ser.getTransmissionData("f") == ((4, b"snap"), False, False)
     assert ser.checkSerializing() == (SERIALIZER_STATE.SUCCESS, 9)
     assert opened.closed and snap.read_bytes() == b"NEW-SNAPSHOT"
-    assert ser.getTransmissionData("f") == (b"NEW-", True, False)
+    assert ser.getTransmissionData("f") == ((0, b"NEW-"), True, False)
     ser.rp_destroy()
     assert ser._Serializer__transmissions == {}
 
@@ -494,7 +494,7 @@ def test_transmissions_are_paced_and_hold_off_new_compactions(tmp_path):
     conn = ser.rp_so._connections["f"] = Conn()
     nxt = ser.rp_so._SyncObj__raftNextIndex
     ser.rp_round_start()
-    assert ser.getTransmissionData("f") == (b"0123", True, False)
+    assert ser.getTransmissionData("f") == ((0, b"0123"), True, False)
     conn.unsent = ser.RP_TRANSMIT_BACKLOG_BYTES
     # Paused: upstream sends "nothing yet", and its loop ends for the follower because its
     # nextIndex is past the log for the rest of the round; the end of the round restores it.
@@ -503,7 +503,7 @@ def test_transmissions_are_paced_and_hold_off_new_compactions(tmp_path):
     assert nxt["f"] == 2
     conn.unsent = 0
     ser.rp_round_start()
-    assert ser.getTransmissionData("f") == (b"4567", False, False)  # the place was kept
+    assert ser.getTransmissionData("f") == ((4, b"4567"), False, False)  # the place was kept
     ser.RP_TRANSMIT_ROUND_BYTES = 4  # and a round adds at most this much
     assert ser.getTransmissionData("f") is None and nxt["f"] == 11
     ser.rp_round_end()
@@ -689,7 +689,7 @@ def test_a_leader_sends_a_snapshot_a_bounded_amount_per_round(tmp_path, monkeypa
     def data(self, node):
         d = orig_data(self, node)
         if d:
-            sent[-1] += len(d[0])
+            sent[-1] += len(d[0][1])  # ((offset, chunk), first, last)
         return d
 
     def send_round(self):
@@ -713,3 +713,37 @@ def test_a_leader_sends_a_snapshot_a_bounded_amount_per_round(tmp_path, monkeypa
         assert {n.state_hash() for n in c.running()} == {w.reference_hash()}
     finally:
         c.stop()
+
+
+def test_a_snapshot_chunk_out_of_place_drops_the_incoming_snapshot(tmp_path):
+    """Found in a failover run: a restarted follower installed a leader's snapshot with one
+    64 KiB chunk missing and stopped, unable to load it.  Chunks carry their offset; a gap drops
+    the incoming file (nothing installed, the old snapshot stays), the rest of that
+    transmission is ignored, and the next one, from its first chunk, installs."""
+    snap = tmp_path / rn.SNAPSHOT_FILE
+    snap.write_bytes(b"mine")
+    ser = _serializer(tmp_path, lambda last, prev: None)
+    assert not ser.setTransmissionData(((0, b"AAAA"), True, False))
+    assert not ser.setTransmissionData(((8, b"CCCC"), False, False))  # BBBB never came
+    assert ser.rp_gaps == 1
+    assert not ser.setTransmissionData(((12, b""), False, True))  # its end: nothing installed
+    assert snap.read_bytes() == b"mine" and ser.rp_installs == 0
+    # The leader starts over.
+    for chunk in (((0, b"AAAA"), True, False), ((4, b"BBBB"), False, False),
+                  ((8, b"CCCC"), False, False)):
+        assert not ser.setTransmissionData(chunk)
+    assert ser.setTransmissionData(((12, b""), False, True))
+    assert snap.read_bytes() == b"AAAABBBBCCCC" and ser.rp_installs == 1 and ser.rp_gaps == 1
+
+
+def test_the_leader_numbers_its_chunks(tmp_path):
+    (tmp_path / rn.SNAPSHOT_FILE).write_bytes(b"0123456789")
+    ser = _serializer(tmp_path, lambda last, prev: None)
+    got = []
+    while True:
+        d = ser.getTransmissionData("f")
+        got.append(d)
+        if d[2]:
+            break
+    assert got == [((0, b"0123"), True, False), ((4, b"4567"), False, False),
+                   ((8, b"89"), False, False), ((10, b""), False, True)]
