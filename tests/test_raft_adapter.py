@@ -516,13 +516,19 @@ def test_upstream_follower_commits_unverified_entries_on_a_snapshot_chunk(bare_p
     assert follower.raftCommitIndex == commit + 3  # the stale entries count as committed
 
 
-def test_adapter_follower_commits_nothing_on_a_snapshot_chunk(rp_pair):
-    """Only an install moves the commit index on the snapshot path (to the snapshot's)."""
-    leader, follower = _leader_follower(rp_pair)
+def _one_entry_committed(pair):
+    """(leader, follower) once the leader appended an entry and the follower committed it."""
+    leader, follower = _leader_follower(pair)
     leader.rp_append(rn.ENTRY_LEDGER + b"a", lambda *a: None)
     leader.rp_send_round()
-    tick_until(rp_pair, lambda: follower.raftCommitIndex >= leader.rp_last_index()
+    tick_until(pair, lambda: follower.raftCommitIndex >= leader.rp_last_index()
                or (leader.rp_send_round() and False), what="committed on follower")
+    return leader, follower
+
+
+def test_adapter_follower_commits_nothing_on_a_snapshot_chunk(rp_pair):
+    """Only an install moves the commit index on the snapshot path (to the snapshot's)."""
+    leader, follower = _one_entry_committed(rp_pair)
     commit = follower.raftCommitIndex
     msg = _stale_suffix_and_chunk(leader, follower)
     msg["serialized"] = ((0, b"chunk"), True, False)  # our chunks say where they go
@@ -535,11 +541,7 @@ def test_adapter_follower_commits_nothing_on_a_snapshot_chunk(rp_pair):
 
 
 def test_adapter_refuses_to_overwrite_a_committed_entry(rp_pair):
-    leader, follower = _leader_follower(rp_pair)
-    leader.rp_append(rn.ENTRY_LEDGER + b"a", lambda *a: None)
-    leader.rp_send_round()
-    tick_until(rp_pair, lambda: follower.raftCommitIndex >= leader.rp_last_index()
-               or (leader.rp_send_round() and False), what="committed on follower")
+    leader, follower = _one_entry_committed(rp_pair)
     entries = _log(follower)
     prev, committed = entries[-2], entries[-1]
     msg = {"type": "append_entries", "term": follower.raftCurrentTerm + 1, "commit_index": 0,
