@@ -16,7 +16,7 @@ import socket
 
 import pytest
 
-from bench import echo, report, runner
+from bench import echo, fsync_probe, report, runner
 from bench.clusters import MODES, BenchCluster, ClusterSpec
 from bench.hist import Histogram, Timeline, bucket_of, bucket_range
 from bench.progress import Progress
@@ -167,6 +167,17 @@ def test_echo_server_answers_the_real_clients_and_survives_garbage():
 
         assert asyncio.run(many()) == [[Code.OK]] * 50
     assert not server.alive()
+
+
+def test_fsync_probe_times_real_syncs_and_leaves_no_files(tmp_path, capsys):
+    lat = fsync_probe.measure(str(tmp_path), 2, 20)
+    assert len(lat) == 40 and lat == sorted(lat) and lat[0] > 0
+    assert list(tmp_path.iterdir()) == []
+    assert fsync_probe.main(["--procs", "1,2", "--count", "5", "--dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "1 process(es) syncing at once" in out and "p50 with 2 / with 1:" in out
+    with pytest.raises(SystemExit):
+        fsync_probe.main(["--procs", "0"])
 
 
 def test_a_mode_is_a_parameter():
