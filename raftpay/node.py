@@ -978,6 +978,12 @@ class _RaftpaySerializer(Serializer):
                 nxt[transmissionID] = self.rp_so.rp_last_index() + 1
             return None  # upstream sends a "nothing yet" and keeps the transmission's place
         data = super().getTransmissionData(transmissionID)
+        if data is False:
+            # Upstream returns False when reading the snapshot fails (it has logged why and
+            # dropped the transmission), and its own caller then indexes into it: the leader's
+            # tick would die.  Pause instead; the next round starts the transmission over.
+            self.rp_out_end.pop(transmissionID, None)
+            return None
         if data:
             chunk, is_first, is_last = data
             self.rp_round_bytes[transmissionID] = (self.rp_round_bytes.get(transmissionID, 0)

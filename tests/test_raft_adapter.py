@@ -247,6 +247,9 @@ def test_serializer_and_journal_internals_we_use(tmp_path):
     assert ser.getTransmissionData("n") == (b"0123", True, False)
     assert not ser._Serializer__transmissions["n"]["file"].closed
     ser._Serializer__transmissions["n"]["file"].close()
+    # A read that fails drops the transmission and answers False, not None (upstream's leader
+    # loop indexes into it: `_RaftpaySerializer.getTransmissionData` turns it into a pause).
+    assert ser.getTransmissionData("n") is False and "n" not in ser._Serializer__transmissions
     # An install lands at fileName (renamed from upstream's own temp file).
     assert ser.setTransmissionData((b"abc", True, True)) and path.read_bytes() == b"abc"
 

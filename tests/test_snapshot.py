@@ -477,6 +477,29 @@ def test_placing_a_snapshot_restarts_transmissions_from_the_new_file(tmp_path):
     assert ser._Serializer__transmissions == {}
 
 
+def test_a_snapshot_read_error_pauses_the_transmission_and_the_next_round_starts_over(tmp_path):
+    """Upstream answers False when reading the file fails, and its leader loop then indexes into
+    that (a TypeError on the ticking thread); ours pauses and starts over from the first chunk."""
+    (tmp_path / rn.SNAPSHOT_FILE).write_bytes(b"0123456789")
+    ser = _serializer(tmp_path, lambda last, prev: rn._SnapshotJob.done(str(tmp_path / "x")))
+    assert ser.getTransmissionData("f") == ((0, b"0123"), True, False)
+    opened = ser._Serializer__transmissions["f"]["file"]
+
+    class Broken:
+        def read(self, n):
+            raise OSError(5, "Input/output error")
+
+        def close(self):
+            pass
+    ser._Serializer__transmissions["f"]["file"] = Broken()
+    assert ser.getTransmissionData("f") is None
+    assert "f" not in ser._Serializer__transmissions and "f" not in ser.rp_out_end
+    opened.close()
+    assert ser.getTransmissionData("f") == ((0, b"0123"), True, False)
+    assert ser.getTransmissionData("f") == ((4, b"4567"), False, False)
+    ser.rp_destroy()
+
+
 def test_transmissions_are_paced_and_hold_off_new_compactions(tmp_path):
     """A leader adds a snapshot's chunks for a follower only while little of it waits unsent
     (each round then costs the loop little), and starts no new compaction while it sends one
