@@ -131,10 +131,12 @@ def test_proposals_commit_while_a_slow_snapshot_is_written(tmp_path):
     compacts while proposals go on; each writer takes over 2 s.  Proposals keep committing in
     milliseconds and the leader keeps its term: heartbeats went out.  Written on the Raft thread
     (snapshot_in_background=False, the old way), the first proposal after a compaction started
-    waits ~2 s for the writer and the followers elect a new leader."""
+    waits ~2 s for the writer and the followers elect a new leader.  The election timeout is
+    1 s, not the suite's 300 ms: still well under the writer's 2 s, and a machine busy with other
+    work once starved the one process of all three nodes for 300 ms."""
     lt = LoopThread()
     c = LoopCluster(str(tmp_path), lt, log_compaction_min_entries=COMPACT,
-                    snapshot_delay_s=2.0)
+                    snapshot_delay_s=2.0, election_timeout_ms=1000)
     try:
         c.start()
         leader = c.leader()
