@@ -23,8 +23,9 @@ section "ADAPTER OVER PYSYNCOBJ 0.3.17 INTERNALS" below, pinned name by name by
   conflicting suffix, commit only what this message verified) and never moves nextIndex below
   matchIndex + 1.
 * Durability: upstream never fsyncs.  With ``fsync="always"`` the log is synced once per append
-  round before a follower acknowledges it and before the leader counts itself; term/vote and
-  snapshots are written temp-fsync-rename-fsync(dir).
+  round before a follower acknowledges it and before the leader counts itself (a follower that
+  finds several rounds in one read handles them all, syncs once, then acknowledges each); term/vote
+  and snapshots are written temp-fsync-rename-fsync(dir).
 * Reads: upstream has no ReadIndex.  The adapter numbers appendEntries rounds, followers echo the
   number, and a read completes once a majority acknowledged a round that started after the read.
 * Safety of the log format: our entries are raw msgpack bytes behind a type byte of our own, so
@@ -588,11 +589,14 @@ class _RaftpayConnection(TcpConnection):
     `rp_send_seq`/`rp_recv_seq` number the frames of one TCP connection (reset on disconnect,
     since upstream reuses the object)."""
 
+    rp_transport = None  # the `_RaftpayTransport` that adopted it
+
     @classmethod
-    def rp_adopt(cls, conn: TcpConnection) -> TcpConnection:
+    def rp_adopt(cls, conn: TcpConnection, transport=None) -> TcpConnection:
         if type(conn) is TcpConnection:
             conn.__class__ = cls
             conn.rp_send_seq, conn.rp_recv_seq, conn.rp_rpos = 0, 0, 0
+        conn.rp_transport = transport
         return conn
 
     def send(self, message):
@@ -647,6 +651,18 @@ class _RaftpayConnection(TcpConnection):
         return True
 
     def _TcpConnection__processParseMessage(self):
+        # Upstream handles the messages of a read one by one until this returns None; the acks
+        # they cause wait for the end of the pass, so one sync covers all their entries.
+        transport = self.rp_transport
+        message = self._rp_parse()
+        if transport is not None:
+            if message is None:
+                transport.rp_flush_acks()
+            else:
+                transport.rp_begin_acks()
+        return message
+
+    def _rp_parse(self):
         buf = self._TcpConnection__readBuffer
         if type(buf) is not bytearray:
             if len(buf) < 4:
@@ -705,6 +721,8 @@ class _RaftpayTransport(TCPTransport):
     * append_entries carries `rp_seq`, the leader's round number (for ReadIndex).
     * next_node_idx (a follower's acknowledgement) first makes the log durable, then carries the
       round it answers and the follower's term, so the leader counts only acks of its own term.
+      While the messages of one read are handled (`_RaftpayConnection`), acks wait, and the end of
+      the read syncs once for all of them: upstream acknowledged, so here synced, per message.
     Doing it here covers every code path that acknowledges, including upstream's snapshot
     install and chunked transmissions."""
 
@@ -712,10 +730,26 @@ class _RaftpayTransport(TCPTransport):
         super().addNode(node)  # makes the outgoing connection object, if we are the dialer
         conn = self._connections.get(node)
         if conn is not None:
-            _RaftpayConnection.rp_adopt(conn)
+            _RaftpayConnection.rp_adopt(conn, self)
 
     def _onNewIncomingConnection(self, conn):
-        super()._onNewIncomingConnection(_RaftpayConnection.rp_adopt(conn))
+        super()._onNewIncomingConnection(_RaftpayConnection.rp_adopt(conn, self))
+
+    #: Acknowledgements held back while the messages of one read are handled (None: not in
+    #: such a pass); `rp_flush_acks` syncs once and sends them.
+    rp_acks: list | None = None
+
+    def rp_begin_acks(self) -> None:
+        if self.rp_acks is None:
+            self.rp_acks = []
+
+    def rp_flush_acks(self) -> None:
+        """One sync for every entry the messages of a read appended, then their acks."""
+        acks, self.rp_acks = self.rp_acks, None
+        if acks and self._syncObj._rp_owner._fatal is None:  # failed since: acknowledge nothing
+            self._syncObj._rp_journal_sync()
+            for node, message in acks:
+                self._rp_send(node, message)
 
     def send(self, node, message):
         so = self._syncObj
@@ -725,10 +759,17 @@ class _RaftpayTransport(TCPTransport):
         elif kind == "next_node_idx":
             if so._rp_owner._fatal is not None:
                 return False  # a replica that failed to load or apply acknowledges nothing
-            so._rp_journal_sync()
             if so._rp_in_seq is not None:
                 message["rp_seq"] = so._rp_in_seq
                 message["rp_term"] = so._SyncObj__raftCurrentTerm
+            if self.rp_acks is not None:
+                self.rp_acks.append((node, message))
+                return True
+            so._rp_journal_sync()
+        return self._rp_send(node, message)
+
+    def _rp_send(self, node, message):
+        so = self._syncObj
         ok = super().send(node, message)
         conn = self._connections.get(node)
         if ok and conn is not None and conn.getSendBufferSize():
@@ -1087,6 +1128,7 @@ class _RaftpaySyncObj(SyncObj):
         `wait_s`).  Anything appended since the last sync is synced first, so the leader's own
         log is durable before the commit computation at the top of the tick counts it; and a
         journal rewritten in the background since the last tick is put in place."""
+        self._SyncObj__transport.rp_flush_acks()  # a pass cut short by an exception
         self._rp_journal_sync()
         self._SyncObj__raftLog.rp_finish_rewrite()
         self._onTick(wait_s)

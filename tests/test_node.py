@@ -391,7 +391,7 @@ def test_fsync_always_syncs_before_ack_and_before_callback(cluster, monkeypatch)
     events = []
     lock = threading.Lock()
     orig_sync = rn._RaftpayJournal.rp_fsync_now
-    orig_send = rn._RaftpayTransport.send
+    orig_send = rn._RaftpayTransport._rp_send  # what goes on the wire (acks may wait for it)
 
     def sync(self):
         orig_sync(self)
@@ -407,7 +407,7 @@ def test_fsync_always_syncs_before_ack_and_before_callback(cluster, monkeypatch)
         return sent
 
     monkeypatch.setattr(rn._RaftpayJournal, "rp_fsync_now", sync)
-    monkeypatch.setattr(rn._RaftpayTransport, "send", send)
+    monkeypatch.setattr(rn._RaftpayTransport, "_rp_send", send)
     c = cluster().start()
     leader = c.leader()
     c.converged()

@@ -433,6 +433,37 @@ def test_adapter_follower_keeps_entries_it_holds(rp_pair, caplog):
     assert "truncating" not in caplog.text
 
 
+def test_a_follower_syncs_once_for_the_entries_of_one_read_then_acks_each(rp_pair, monkeypatch):
+    """Two rounds waiting in the follower's socket: upstream acknowledges each message as it
+    handles it, which cost a sync per message; the adapter holds the acks until the read is
+    handled, syncs once, then sends them all (each still after the sync)."""
+    leader, follower = _leader_follower(rp_pair)
+    tick_until(rp_pair, lambda: follower.raftLastApplied >= leader.rp_last_index()
+               or (leader.rp_send_round() and False), what="the no-op applied")
+    events = []
+    orig_sync, orig_send = rn._RaftpayJournal.rp_fsync_now, rn._RaftpayTransport._rp_send
+
+    def sync(journal):
+        orig_sync(journal)
+        if journal is follower._SyncObj__raftLog:
+            events.append("sync")
+
+    def send(transport, node, message):
+        if transport._syncObj is follower and message.get("type") == "next_node_idx":
+            events.append(("ack", message["next_node_idx"]))
+        return orig_send(transport, node, message)
+    monkeypatch.setattr(rn._RaftpayJournal, "rp_fsync_now", sync)
+    monkeypatch.setattr(rn._RaftpayTransport, "_rp_send", send)
+    first = leader.rp_last_index() + 1
+    for i in range(2):
+        leader.rp_append(rn.ENTRY_LEDGER + bytes([i]), lambda *a: None)
+        leader.rp_send_round()  # one append_entries message per round
+    time.sleep(0.2)  # both are in the follower's socket before it reads
+    follower.rp_tick(0.05)
+    assert events == ["sync", ("ack", first + 1), ("ack", first + 2)]
+    tick_until(rp_pair, lambda: leader.raftCommitIndex >= first + 1, what="both committed")
+
+
 def test_upstream_leader_moves_next_index_back_on_stale_success(bare_pair):
     leader, follower = _leader_follower(bare_pair)
     leader.add(1)
