@@ -112,3 +112,49 @@ def test_small_or_mixed_submits_keep_their_events():
     assert _written_command(few)["events"] is few
     mixed = few * 10 + [{"op": "create_account", "currency": 1, "id": 99}]  # other key order
     assert _written_command(mixed)["events"] is mixed
+
+
+class _ProposingNode:
+    """A leader that records proposals and applies them when the test says so."""
+
+    def __init__(self, loop):
+        self.loop = loop
+        self.proposals: list = []  # (commands, on_result)
+
+    def is_leader(self) -> bool:
+        return True
+
+    def runs_on(self, loop) -> bool:
+        return loop is self.loop
+
+    def propose(self, payload, on_result, decoded):
+        self.proposals.append((decoded[1], on_result))
+
+
+def test_group_commit_keeps_one_entry_in_flight_and_sends_what_waited_as_the_next():
+    """The default: a lone request goes at once; requests that arrive while it is in flight
+    wait (however many loop passes go by) and leave together as one entry when it applies."""
+    import asyncio
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        node = _ProposingNode(loop)
+        srv, (a,) = _server_and_conns(1)
+        srv.node, srv._loop = node, loop
+        srv._batcher = batcher = rs._Batcher(srv)
+        a.pending = srv._inflight = 4
+        batcher.add({"type": "submit", "n": 1}, 1, a)
+        assert [cmds for cmds, _ in node.proposals] == [[{"type": "submit", "n": 1}]]
+        for n in (2, 3, 4):
+            batcher.add({"type": "submit", "n": n}, n, a)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert len(node.proposals) == 1, "a second entry went out while the first was in flight"
+        node.proposals[0][1](rs.Code.OK, [{"code": 0, "results": [0]}], 7)
+        await asyncio.sleep(0)
+        assert [[c["n"] for c in cmds] for cmds, _ in node.proposals] == [[1], [2, 3, 4]]
+        assert batcher.inflight == 1 and len(a.transport.writes) == 1  # entry 1's reply
+        node.proposals[1][1](rs.Code.OK, [{"code": 0, "results": [0]}] * 3, 8)
+        assert batcher.inflight == 0 and srv._inflight == 0 and a.pending == 0
+
+    asyncio.run(scenario())
