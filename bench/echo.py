@@ -56,7 +56,9 @@ def answer(payload: bytes | bytearray, sessions: itertools.count) -> bytes:
         env = msgpack.unpackb(payload, raw=False)
         rid, kind = env["id"], env["type"]
         if kind == "submit":
-            body = {"code": _OK, "results": [_OK] * len(env["body"]["events"])}
+            b = env["body"]
+            body = {"code": _OK, "results": [_OK] * len(b["events"] if "events" in b
+                                                         else b["rows"])}
         elif kind == "register_session":
             body = {"code": _OK, "session": next(sessions)}
         elif kind == "status":

@@ -268,12 +268,15 @@ class Server:
             self._not_leader(writer, rid)
             return
         if kind == "submit":
-            events = body["events"]
-            compact = events_as_rows(events) if len(events) >= ROWS_MIN_EVENTS else None
-            if compact is None:
-                command = {"type": "submit", "events": events}
-            else:  # the same events, in the form that replicas unpack ~5x faster
-                command = {"type": "submit", "keys": compact[0], "rows": compact[1]}
+            events = body.get("events")
+            if events is None:  # sent compact (its shape checked by `wire`): it stays so
+                command = {"type": "submit", "keys": body["keys"], "rows": body["rows"]}
+            else:
+                compact = events_as_rows(events) if len(events) >= ROWS_MIN_EVENTS else None
+                if compact is None:
+                    command = {"type": "submit", "events": events}
+                else:  # the same events, in the form that replicas unpack ~5x faster
+                    command = {"type": "submit", "keys": compact[0], "rows": compact[1]}
             for k in ("session", "seq", "ack"):
                 if k in body:
                     command[k] = body[k]

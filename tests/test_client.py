@@ -165,3 +165,32 @@ def test_a_garbled_reply_stream_fails_the_connection():
         assert conn.closed and t.closed
 
     _run(go())
+
+
+def _sent_body(events) -> dict:
+    """The body `_Api.submit` hands its transport for `events`."""
+    sent = []
+
+    class _Api(rc._Api):
+        def _call(self, kind, body, addr=None):
+            sent.append((kind, body))
+            return {"code": 0, "results": [0] * len(body.get("events") or body["rows"])}
+
+        def _map(self, value, fn):
+            return fn(value)
+
+    _Api().submit(events)
+    return sent[0][1]
+
+
+def test_a_batch_of_like_events_is_sent_compact_and_others_as_events():
+    like = [{"op": "create_transfer", "id": i, "debit_account_id": 1, "credit_account_id": 2,
+             "amount": 1, "currency": 840} for i in range(rc.ROWS_MIN_EVENTS)]
+    body = _sent_body(like)
+    assert set(body) == {"keys", "rows"}
+    assert [dict(zip(body["keys"], row)) for row in body["rows"]] == like
+    env = wire.decode(wire.encode("submit", 1, body)[wire.PREFIX_BYTES:])
+    wire.validate_request(env)  # what the node will check
+    assert _sent_body(like[:-1]) == {"events": like[:-1]}  # too few to bother
+    mixed = like[:-1] + [dict(like[0], user_data=5)]  # one event with another field
+    assert _sent_body(mixed) == {"events": mixed}

@@ -13,6 +13,7 @@ import msgpack
 import pytest
 
 from raftpay import wire
+from raftpay import client as rc
 from raftpay.client import Client
 from raftpay.codes import Code, OutcomeUnknown, RequestRejected, Unavailable
 from cluster_fixtures import converged_hashes, local_cluster, node_statuses, wait_until
@@ -96,6 +97,12 @@ def ping(addr: str) -> bool:
     (msgpack.packb({"v": 1, "type": "submit", "id": 5,
                     "body": {"events": [{"op": "create_account"}] * 10_001}}),
      Code.BATCH_TOO_LARGE),
+    (msgpack.packb({"v": 1, "type": "submit", "id": 5,
+                    "body": {"keys": ["op", "id"], "rows": [["create_account", 1], ["x"]]}}),
+     Code.INVALID_REQUEST),  # a row shorter than keys
+    (msgpack.packb({"v": 1, "type": "submit", "id": 5,
+                    "body": {"keys": ["op"], "rows": [["create_account"]] * 10_001}}),
+     Code.BATCH_TOO_LARGE),
 ])
 def test_malformed_frames_get_an_error_and_the_node_lives(cluster, payload, expect_code):
     addr = cluster.client_addrs[0]
@@ -149,6 +156,35 @@ def test_bad_events_change_nothing(cluster):
         assert results == [Code.AMOUNT_MUST_BE_POSITIVE, Code.ACCOUNTS_MUST_BE_DIFFERENT,
                            Code.UNKNOWN_FIELD]
         assert c.lookup_accounts(["bad-a", "bad-b"]) == before
+
+
+def test_a_batch_sent_compact_gets_the_answers_of_the_same_events(cluster):
+    """`Client.submit` sends a batch of like events as keys and rows; the node applies exactly
+    the events they stand for, with one code per event, and a malformed compact batch changes
+    nothing."""
+    with Client(cluster.seeds) as c:
+        c.create_accounts([{"id": f"rows-{i}", "currency": 1} for i in range(3)])
+        transfers = [{"id": f"rows-t{i}", "debit_account_id": "rows-0",
+                      "credit_account_id": "rows-1", "amount": 1 + i, "currency": 1}
+                     for i in range(20)]
+        transfers[3]["credit_account_id"] = "rows-nobody"
+        transfers[7]["amount"] = 0
+        assert len(transfers) >= rc.ROWS_MIN_EVENTS
+        results = c.create_transfers(transfers)
+        expect = [Code.OK] * 20
+        expect[3], expect[7] = Code.CREDIT_ACCOUNT_NOT_FOUND, Code.AMOUNT_MUST_BE_POSITIVE
+        assert results == expect
+        assert c.create_transfers(transfers[:1]) == [Code.EXISTS]  # a retry, sent as events
+        a0, a1 = c.lookup_accounts(["rows-0", "rows-1"])
+        moved = sum(t["amount"] for i, t in enumerate(transfers) if expect[i] == Code.OK)
+        assert a0["debits_posted"] == moved and a1["credits_posted"] == moved
+        with pytest.raises(RequestRejected, match="invalid_request"):
+            c._call("submit", {"keys": ["op", "id", "debit_account_id", "credit_account_id",
+                                        "amount", "currency"],
+                               "rows": [["create_transfer", "rows-bad", "rows-0", "rows-2", 1, 1],
+                                        ["create_transfer", "rows-bad2", "rows-0"]]})
+        assert c.lookup_transfers(["rows-bad"]) == [None]
+        assert c.lookup_accounts(["rows-2"])[0]["credits_posted"] == 0
 
 
 def test_bad_config_refuses_to_start(tmp_path):

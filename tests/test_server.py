@@ -107,6 +107,21 @@ def test_a_large_submit_of_like_events_goes_into_the_entry_compact():
     assert rows_as_events(cmd["keys"], cmd["rows"]) == events
 
 
+def test_a_submit_sent_compact_goes_into_the_entry_as_it_came():
+    keys, rows = ["op", "id"], [["create_account", i] for i in range(3)]
+    srv = rs.Server(_LeaderNode(), stamp=lambda: 0, client_addr_of=lambda _id: None)
+    got = []
+
+    class _Batcher:
+        def add(self, command, rid, conn):
+            got.append(command)
+
+    srv._batcher = _Batcher()
+    srv._write("submit", {"keys": keys, "rows": rows, "session": 3, "seq": 2}, 9, object())
+    assert got == [{"type": "submit", "keys": keys, "rows": rows, "session": 3, "seq": 2}]
+    assert got[0]["rows"] is rows  # not copied or rebuilt
+
+
 def test_small_or_mixed_submits_keep_their_events():
     few = [{"op": "create_account", "id": i, "currency": 1} for i in range(3)]
     assert _written_command(few)["events"] is few
