@@ -37,9 +37,6 @@ from .ledger import ACCOUNT_FLAG_NAMES, TRANSFER_FLAG_NAMES, events_as_rows
 #: Environment variable holding the seed list ("host:port,host:port").
 CLUSTER_ENV = "RAFTPAY_CLUSTER"
 
-#: A submit of at least this many like events goes in the compact form (see `_Api.submit`).
-ROWS_MIN_EVENTS = 16
-
 _WRITE_TYPES = frozenset({"submit", "register_session", "keep_alive"})
 
 
@@ -229,11 +226,11 @@ class _Api:
 
     def submit(self, events: list[dict]):
         """Submit ledger events; returns one `Code` per event.  A batch of at least
-        `ROWS_MIN_EVENTS` events that all have the same fields in the same order travels in the
+        `wire.ROWS_MIN_EVENTS` events that all have the same fields in the same order travels in the
         protocol's compact form (`wire`'s keys and rows): the same events in about a third of the
         bytes, and less work for the node."""
         events = list(events)
-        compact = events_as_rows(events) if len(events) >= ROWS_MIN_EVENTS else None
+        compact = events_as_rows(events) if len(events) >= wire.ROWS_MIN_EVENTS else None
         body = {"events": events} if compact is None else {"keys": compact[0], "rows": compact[1]}
         return self._map(self._call("submit", body),
                          lambda rb: [Code(c) for c in rb["results"]])

@@ -51,9 +51,6 @@ log = logging.getLogger("raftpay.server")
 #: timeouts and session TTLs advance on an idle ledger.
 IDLE_TICK_S = 1.0
 
-#: A submit of at least this many events that all have the same keys goes into the entry in
-#: the ledger's compact form (`ledger.events_as_rows`); below it the saving is not worth a look.
-ROWS_MIN_EVENTS = 16
 
 _WRITE_TYPES = frozenset({"submit", "register_session", "keep_alive"})
 _READ_TYPES = frozenset({"lookup_accounts", "lookup_transfers", "account_transfers"})
@@ -272,7 +269,8 @@ class Server:
             if events is None:  # sent compact (its shape checked by `wire`): it stays so
                 command = {"type": "submit", "keys": body["keys"], "rows": body["rows"]}
             else:
-                compact = events_as_rows(events) if len(events) >= ROWS_MIN_EVENTS else None
+                compact = (events_as_rows(events) if len(events) >= wire.ROWS_MIN_EVENTS
+                           else None)
                 if compact is None:
                     command = {"type": "submit", "events": events}
                 else:  # the same events, in the form that replicas unpack ~5x faster

@@ -356,8 +356,8 @@ def _ids(req: str, key: str, v: Any) -> str | None:
     return None
 
 
-def _events(req: str, key: str, v: Any) -> str | None:
-    allowed = f"allowed: a list of 1..{MAX_EVENTS} event maps"
+def _batch(req: str, key: str, v: Any, allowed: str) -> str | None:
+    """The list checks `events` and `rows` share: a list of 1..MAX_EVENTS items."""
     if not isinstance(v, list):
         return f"got {_describe(v)}; {allowed}"
     if not v:
@@ -368,6 +368,14 @@ def _events(req: str, key: str, v: Any) -> str | None:
             f"{req}.{key}: got {len(v)} events; allowed: at most {MAX_EVENTS} per request "
             "(split the batch)",
         )
+    return None
+
+
+def _events(req: str, key: str, v: Any) -> str | None:
+    allowed = f"allowed: a list of 1..{MAX_EVENTS} event maps"
+    problem = _batch(req, key, v, allowed)
+    if problem is not None:
+        return problem
     for i, item in enumerate(v):
         if not isinstance(item, dict):
             return f"item {i} is {_describe(item)}; {allowed}"
@@ -376,6 +384,11 @@ def _events(req: str, key: str, v: Any) -> str | None:
 
 #: Most field names in the compact form of a submit (an event has about ten).
 MAX_KEYS = 64
+
+#: A submit of at least this many events that all have the same keys goes in the compact form:
+#: from the client (`client._Api.submit`) and into the Raft entry (`server.Server._write`, for
+#: events sent as maps).  Below it the saving is not worth a look.
+ROWS_MIN_EVENTS = 16
 
 
 def _keys(req: str, key: str, v: Any) -> str | None:
@@ -394,18 +407,8 @@ def _keys(req: str, key: str, v: Any) -> str | None:
 
 def _rows(req: str, key: str, v: Any) -> str | None:
     # Each row's length is checked against `keys` in `_cross_checks`.
-    allowed = f"allowed: a list of 1..{MAX_EVENTS} rows, each a list of values as long as keys"
-    if not isinstance(v, list):
-        return f"got {_describe(v)}; {allowed}"
-    if not v:
-        return f"got an empty list; {allowed}"
-    if len(v) > MAX_EVENTS:
-        raise WireError(
-            Code.BATCH_TOO_LARGE,
-            f"{req}.{key}: got {len(v)} events; allowed: at most {MAX_EVENTS} per request "
-            "(split the batch)",
-        )
-    return None
+    return _batch(req, key, v, f"allowed: a list of 1..{MAX_EVENTS} rows, each a list of values "
+                               "as long as keys")
 
 
 _LOOKUP: dict[str, tuple[bool, _Check]] = {

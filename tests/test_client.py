@@ -185,7 +185,7 @@ def _sent_body(events) -> dict:
 
 def test_a_batch_of_like_events_is_sent_compact_and_others_as_events():
     like = [{"op": "create_transfer", "id": i, "debit_account_id": 1, "credit_account_id": 2,
-             "amount": 1, "currency": 840} for i in range(rc.ROWS_MIN_EVENTS)]
+             "amount": 1, "currency": 840} for i in range(wire.ROWS_MIN_EVENTS)]
     body = _sent_body(like)
     assert set(body) == {"keys", "rows"}
     assert [dict(zip(body["keys"], row)) for row in body["rows"]] == like

@@ -13,7 +13,6 @@ import msgpack
 import pytest
 
 from raftpay import wire
-from raftpay import client as rc
 from raftpay.client import Client
 from raftpay.codes import Code, OutcomeUnknown, RequestRejected, Unavailable
 from cluster_fixtures import converged_hashes, local_cluster, node_statuses, wait_until
@@ -169,7 +168,7 @@ def test_a_batch_sent_compact_gets_the_answers_of_the_same_events(cluster):
                      for i in range(20)]
         transfers[3]["credit_account_id"] = "rows-nobody"
         transfers[7]["amount"] = 0
-        assert len(transfers) >= rc.ROWS_MIN_EVENTS
+        assert len(transfers) >= wire.ROWS_MIN_EVENTS
         results = c.create_transfers(transfers)
         expect = [Code.OK] * 20
         expect[3], expect[7] = Code.CREDIT_ACCOUNT_NOT_FOUND, Code.AMOUNT_MUST_BE_POSITIVE

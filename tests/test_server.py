@@ -4,6 +4,7 @@ answered leave in one write per connection, in order, and never to a closed conn
 from __future__ import annotations
 
 from raftpay import server as rs
+from raftpay import wire
 
 
 class _Transport:
@@ -71,7 +72,6 @@ def test_a_batch_of_entry_replies_is_one_write(monkeypatch):
     replies = [{"code": 0, "results": [i]} for i in range(len(items))]
     batcher._answer(items, rs.Code.OK, replies, 42)
     assert len(a.transport.writes) == 1 and len(b.transport.writes) == 1
-    from raftpay import wire
     fb = wire.FrameBuffer()
     envs = [wire.decode(p) for p in fb.feed(a.transport.writes[0])]
     assert [e.id for e in envs] == [1, 3, 4]
@@ -85,7 +85,9 @@ class _LeaderNode:
         return True
 
 
-def _written_command(events):
+def _written_command(events=None, body=None):
+    """The command `Server._write` queues for a submit of `events` (with a session), or of
+    `body` as given."""
     srv = rs.Server(_LeaderNode(), stamp=lambda: 0, client_addr_of=lambda _id: None)
     got = []
 
@@ -94,14 +96,16 @@ def _written_command(events):
             got.append(command)
 
     srv._batcher = _Batcher()
-    srv._write("submit", {"events": events, "session": 3, "seq": 1, "ack": 1}, 9, object())
+    if body is None:
+        body = {"events": events, "session": 3, "seq": 1, "ack": 1}
+    srv._write("submit", body, 9, object())
     return got[0]
 
 
 def test_a_large_submit_of_like_events_goes_into_the_entry_compact():
     from raftpay.ledger import rows_as_events
     events = [{"op": "create_transfer", "id": i, "debit_account_id": 1, "credit_account_id": 2,
-               "amount": 1, "currency": 840} for i in range(rs.ROWS_MIN_EVENTS)]
+               "amount": 1, "currency": 840} for i in range(wire.ROWS_MIN_EVENTS)]
     cmd = _written_command(events)
     assert "events" not in cmd and cmd["session"] == 3 and cmd["seq"] == 1
     assert rows_as_events(cmd["keys"], cmd["rows"]) == events
@@ -109,17 +113,9 @@ def test_a_large_submit_of_like_events_goes_into_the_entry_compact():
 
 def test_a_submit_sent_compact_goes_into_the_entry_as_it_came():
     keys, rows = ["op", "id"], [["create_account", i] for i in range(3)]
-    srv = rs.Server(_LeaderNode(), stamp=lambda: 0, client_addr_of=lambda _id: None)
-    got = []
-
-    class _Batcher:
-        def add(self, command, rid, conn):
-            got.append(command)
-
-    srv._batcher = _Batcher()
-    srv._write("submit", {"keys": keys, "rows": rows, "session": 3, "seq": 2}, 9, object())
-    assert got == [{"type": "submit", "keys": keys, "rows": rows, "session": 3, "seq": 2}]
-    assert got[0]["rows"] is rows  # not copied or rebuilt
+    cmd = _written_command(body={"keys": keys, "rows": rows, "session": 3, "seq": 2})
+    assert cmd == {"type": "submit", "keys": keys, "rows": rows, "session": 3, "seq": 2}
+    assert cmd["rows"] is rows  # not copied or rebuilt
 
 
 def test_small_or_mixed_submits_keep_their_events():
