@@ -344,16 +344,22 @@ def _id_value(req: str, key: str, v: Any) -> str | None:
     return f"got {_describe(v)}; allowed: an integer or a string id"
 
 
-def _ids(req: str, key: str, v: Any) -> str | None:
-    allowed = f"allowed: a list of 1..{MAX_IDS} ids, each an integer or a string"
+def _list_of(v: Any, most: int, noun: str, item_ok: Callable[[Any], bool],
+             allowed: str) -> str | None:
+    """A list of 1..`most` items, each passing `item_ok`; else what is wrong, then `allowed`."""
     if not isinstance(v, list):
         return f"got {_describe(v)}; {allowed}"
-    if not 1 <= len(v) <= MAX_IDS:
-        return f"got a list of {len(v)} ids; {allowed}"
+    if not 1 <= len(v) <= most:
+        return f"got a list of {len(v)} {noun}; {allowed}"
     for i, item in enumerate(v):
-        if not (_is_int(item) or isinstance(item, str)):
+        if not item_ok(item):
             return f"item {i} is {_describe(item)}; {allowed}"
     return None
+
+
+def _ids(req: str, key: str, v: Any) -> str | None:
+    return _list_of(v, MAX_IDS, "ids", lambda x: _is_int(x) or isinstance(x, str),
+                    f"allowed: a list of 1..{MAX_IDS} ids, each an integer or a string")
 
 
 def _batch(req: str, key: str, v: Any, allowed: str) -> str | None:
@@ -393,16 +399,10 @@ ROWS_MIN_EVENTS = 16
 
 def _keys(req: str, key: str, v: Any) -> str | None:
     allowed = f"allowed: a list of 1..{MAX_KEYS} distinct field names (strings)"
-    if not isinstance(v, list):
-        return f"got {_describe(v)}; {allowed}"
-    if not 1 <= len(v) <= MAX_KEYS:
-        return f"got a list of {len(v)} names; {allowed}"
-    for i, item in enumerate(v):
-        if not isinstance(item, str):
-            return f"item {i} is {_describe(item)}; {allowed}"
-    if len(set(v)) != len(v):
-        return f"a name appears twice; {allowed}"
-    return None
+    problem = _list_of(v, MAX_KEYS, "names", lambda x: isinstance(x, str), allowed)
+    if problem is None and len(set(v)) != len(v):
+        problem = f"a name appears twice; {allowed}"
+    return problem
 
 
 def _rows(req: str, key: str, v: Any) -> str | None:
