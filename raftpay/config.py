@@ -72,8 +72,11 @@ class RaftConfig:
     heartbeat_ms: int = 100
     max_entry_bytes: int = 4 * 1024 * 1024  # bound on one Raft entry built by group commit
     append_entries_batch_bytes: int = 2 * 1024 * 1024
-    # Snapshot the ledger and drop the journal's entries once it holds this many.
+    # Snapshot the ledger and drop the journal's entries once it holds this many, or once
+    # they take this many bytes; either way not before they take as many bytes as the
+    # snapshot that would replace them.
     log_compaction_entries: int = 5000
+    log_compaction_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -192,6 +195,8 @@ ALLOWED: dict[str, str] = {
     "raft.append_entries_batch_bytes": "a positive integer (bytes)",
     "raft.log_compaction_entries": "a positive integer (log entries kept before a snapshot "
                                    "replaces them)",
+    "raft.log_compaction_bytes": "a positive integer (bytes of log entries kept before a "
+                                 "snapshot replaces them)",
     "server.max_frame_bytes": "an integer in 1..4294967295 (bytes)",
     "server.request_timeout_ms": "a positive integer (milliseconds)",
     "server.max_inflight_requests": "a positive integer",
@@ -509,6 +514,7 @@ def _problems(cfg: NodeConfig) -> list[tuple[str, str]]:
     positive("raft.max_entry_bytes", r.max_entry_bytes)
     positive("raft.append_entries_batch_bytes", r.append_entries_batch_bytes)
     positive("raft.log_compaction_entries", r.log_compaction_entries)
+    positive("raft.log_compaction_bytes", r.log_compaction_bytes)
 
     # [server]
     s = cfg.server

@@ -728,6 +728,7 @@ async def serve(cfg, *, stop: asyncio.Event | None = None, on_ready=None) -> Non
                 heartbeat_ms=cfg.raft.heartbeat_ms,
                 append_entries_batch_bytes=cfg.raft.append_entries_batch_bytes,
                 log_compaction_min_entries=cfg.raft.log_compaction_entries,
+                log_compaction_min_bytes=cfg.raft.log_compaction_bytes,
                 session_ttl_ms=cfg.ledger.session_ttl_ms,
                 on_apply=lambda index, ts, replies: _observe(hlc, ts),
                 snapshot_delay_s=_snapshot_delay_s(), freeze_heap=True)

@@ -311,11 +311,23 @@ def test_log_compaction_protocol_we_rely_on(tmp_path):
         so._SyncObj__tryLogCompaction()
         assert _log(so) == before[ident - 1:] and _log(so)[0][1] == ident
 
+        # A log shorter than logCompactionMinEntries: nothing, until forceLogCompaction (what
+        # the node calls once the log's bytes call for a compaction).
+        so.add(6)
+        tick_until([so], lambda: len(so.values) == 7, what="applied")
+        assert len(so._SyncObj__raftLog) <= 3
+        fake = so._SyncObj__serializer = _FakeSerializer()
+        so._SyncObj__tryLogCompaction()
+        assert fake.calls == []
+        so.forceLogCompaction()
+        so._SyncObj__tryLogCompaction()
+        assert len(fake.calls) == 1
+
         # A snapshot newer than the journal's head: upstream clears the journal to the
         # snapshot's two entries, dropping what followed them.
         for i in range(3):
             so.add(i)
-        tick_until([so], lambda: len(so.values) == 9, what="applied")
+        tick_until([so], lambda: len(so.values) == 10, what="applied")
         journal = _log(so)
         prev, last = journal[1], journal[2]
         so._SyncObj__serializer = _FakeSerializer((None, last, prev, set()))

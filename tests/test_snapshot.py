@@ -47,7 +47,7 @@ from raftpay.ledger import MS, Ledger
 from raftpay.node import Node
 
 from cluster_fixtures import local_cluster, wait_until
-from test_node import ELECTION_MS, Cluster, Result, free_addr, wait_for
+from test_node import ELECTION_MS, Cluster, Result, free_addr, propose, wait_for
 from test_node_loop import LoopCluster, LoopThread
 
 COMPACT = 40  # log entries before a compaction: a few hundred ms of proposals
@@ -409,6 +409,7 @@ class _FakeSyncObj:
         self._connections = {}
         self._SyncObj__raftNextIndex = {"f": 2}
         self.log_length = 3
+        self.rp_live_bytes = 100  # as the journal
         self.aligned = []
 
     def rp_last_index(self):
@@ -506,7 +507,8 @@ def test_a_snapshot_read_error_pauses_the_transmission_and_the_next_round_starts
 def test_transmissions_are_paced_and_hold_off_new_compactions(tmp_path):
     """A leader adds a snapshot's chunks for a follower only while little of it waits unsent
     (each round then costs the loop little), and starts no new compaction while it sends one
-    (a placed snapshot restarts the transmission), unless the log grew four-fold."""
+    (a placed snapshot restarts the transmission), unless the log grew four-fold, in entries
+    or in bytes."""
     (tmp_path / rn.SNAPSHOT_FILE).write_bytes(b"0123456789")
     calls = []
     ser = _serializer(tmp_path, lambda last, prev: calls.append(last) or rn._SnapshotJob.done(
@@ -536,9 +538,40 @@ def test_transmissions_are_paced_and_hold_off_new_compactions(tmp_path):
     assert nxt["f"] == 2 and ser.rp_transmitting()
     ser.serialize(DATA, 9)
     assert calls == []
-    ser.rp_so.log_length = ser.RP_DEFER_FACTOR * 2
+    ser.rp_min_bytes = 1000
+    ser.rp_so.rp_live_bytes = ser.RP_DEFER_FACTOR * 1000 - 1
+    ser.serialize(DATA, 9)
+    assert calls == []
+    ser.rp_so.rp_live_bytes += 1
     ser.serialize(DATA, 9)
     assert len(calls) == 1
+    ser.rp_so.rp_live_bytes = 0
+    ser.rp_job = None
+    ser.rp_so.log_length = ser.RP_DEFER_FACTOR * 2
+    ser.serialize(DATA, 9)
+    assert len(calls) == 2
+    ser.rp_destroy()
+
+
+def test_a_compaction_waits_for_as_many_log_bytes_as_the_snapshot_it_replaces(tmp_path):
+    calls = []
+    ser = _serializer(tmp_path, lambda last, prev: calls.append(last) or rn._SnapshotJob.done(
+        str(tmp_path / "never-placed")))
+    ser.rp_snapshot_bytes = 1000
+    ser.rp_so.rp_live_bytes = 999
+    ser.serialize(DATA, 9)
+    assert calls == []
+    ser.rp_so.rp_live_bytes = 1000
+    ser.serialize(DATA, 9)
+    assert len(calls) == 1
+    ser.rp_job = None
+    ser.rp_so.rp_live_bytes = 0  # tiny entries, but many: upstream holds them all in memory
+    ser.rp_so.log_length = ser.RP_ENTRIES_CAP_FACTOR * 2 - 1
+    ser.serialize(DATA, 9)
+    assert len(calls) == 1
+    ser.rp_so.log_length += 1
+    ser.serialize(DATA, 9)
+    assert len(calls) == 2
     ser.rp_destroy()
 
 
@@ -612,6 +645,79 @@ def _read_journal(path):
         return [j[i] for i in range(len(j))]
     finally:
         j._destroy()
+
+
+def test_the_journal_counts_the_bytes_a_restart_would_replay(tmp_path):
+    path = str(tmp_path / rn.JOURNAL_FILE)
+    j = rn._RaftpayJournal(path, fsync=False)
+
+    def held():
+        return sum(len(j[i][0]) for i in range(len(j)))
+    for i in range(1, 31):
+        j.add(b"R" * i, i, 1)
+    assert j.rp_live_bytes == held() == sum(range(1, 31))
+    j.deleteEntriesFrom(25)  # a conflicting suffix
+    j.deleteEntriesTo(10)  # a compaction
+    assert j.rp_live_bytes == held() == sum(range(11, 26))
+    _finish_rewrite(j)
+    j._destroy()
+    j = rn._RaftpayJournal(path, fsync=False)  # a restart reads the file back
+    assert j.rp_live_bytes == held() == sum(range(11, 26))
+    j.clear()
+    assert j.rp_live_bytes == 0
+    j._destroy()
+
+
+def test_compaction_by_bytes_and_in_proportion_to_the_snapshot(tmp_path):
+    """Large entries: the node compacts once the journal's entries take
+    `log_compaction_min_bytes`, long before `log_compaction_min_entries`; the next compaction
+    waits until they take more than the snapshot file (writing a snapshot costs its size); a
+    restart restores the snapshot and replays only the rest."""
+    min_bytes = 8 * 1024
+    c = Cluster(str(tmp_path), ids=("a",), log_compaction_min_entries=100_000,
+                log_compaction_min_bytes=min_bytes)
+    try:
+        c.start()
+        node = c.leader()
+        journal = node._so._SyncObj__raftLog
+        snap = os.path.join(str(tmp_path), "a", rn.SNAPSHOT_FILE)
+        next_id = [1]
+
+        def accounts(n):  # one entry creating n accounts
+            events = [{"op": "create_account", "id": f"acc-{next_id[0] + k:06d}", "currency": 1}
+                      for k in range(n)]
+            next_id[0] += n
+            code, replies, _ = propose(node, {"type": "submit", "events": events})
+            assert code == Code.OK and set(replies[0]["results"]) == {Code.OK}, replies
+
+        def placed():
+            return os.path.exists(snap) and not node.status()["snapshot_writing"]
+        # A ledger several times the threshold, grown in entries of ~2 kB.
+        while next_id[0] <= 2000:
+            accounts(40)
+        wait_for(placed, what="a snapshot placed")
+        size, mtime = os.path.getsize(snap), os.stat(snap).st_mtime_ns
+        assert size > 4 * min_bytes and journal.rp_live_bytes < size
+        # Past the threshold but below the snapshot's size: no new compaction.
+        while journal.rp_live_bytes < 2 * min_bytes:
+            accounts(40)
+        time.sleep(0.5)  # many ticks
+        assert not node.status()["snapshot_writing"] and os.stat(snap).st_mtime_ns == mtime
+        # Past the snapshot's size: a compaction.
+        while journal.rp_live_bytes < size:
+            accounts(40)
+        wait_for(lambda: placed() and os.stat(snap).st_mtime_ns != mtime,
+                 what="the next snapshot")
+        accounts(40)
+        expected = node.state_hash()
+        c.stop()
+        c.start()
+        node = c.leader()
+        settle(node)
+        assert node.state_hash() == expected
+        assert node._so._SyncObj__raftLog.rp_live_bytes < size  # only the rest was replayed
+    finally:
+        c.stop()
 
 
 # --- the heap of a node process --------------------------------------------------------------
