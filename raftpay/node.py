@@ -902,8 +902,6 @@ class _RaftpaySerializer(Serializer):
     #: transmissions), unless the log grows past this many times logCompactionMinEntries, or
     #: its bytes past this many times `rp_min_bytes`.
     RP_DEFER_FACTOR = 4
-    #: Bytes of log that start a compaction (set by the node; see `Node`).
-    rp_min_bytes = 64 * 1024 * 1024
     #: A compaction writes the whole ledger to drop the log's entries, and a follower that
     #: missed entries dropped that way needs the whole snapshot instead of the entries: so it
     #: waits until the entries take as many bytes as the snapshot it replaces, unless the log
@@ -911,12 +909,13 @@ class _RaftpaySerializer(Serializer):
     RP_ENTRIES_CAP_FACTOR = 20
     rp_snapshot_bytes = 0  # size of the snapshot file in place (0: none)
 
-    def __init__(self, so, conf: SyncObjConf, fsync: bool):
+    def __init__(self, so, conf: SyncObjConf, fsync: bool, min_bytes: int = 64 * 1024 * 1024):
         # Upstream's own fork is never used: `serialize` below replaces the code that forks.
         super().__init__(conf.fullDumpFile, conf.logCompactionBatchSize, False, conf.serializer,
                          conf.deserializer, None)
         self.rp_so = so
         self.rp_min_entries = conf.logCompactionMinEntries
+        self.rp_min_bytes = min_bytes  # bytes of log that start a compaction (`rp_compact_due`)
         self.rp_begin = conf.serializer
         self.rp_fsync = fsync
         self.rp_job: _SnapshotJob | None = None
@@ -941,7 +940,7 @@ class _RaftpaySerializer(Serializer):
             # Each placed snapshot restarts the transmissions, and a follower whose snapshot
             # takes longer to send than the leader takes to compact would never catch up.
             return
-        if (log_.rp_live_bytes < self.rp_snapshot_bytes
+        if (not self.rp_log_outgrew_snapshot()
                 and len(log_) < self.RP_ENTRIES_CAP_FACTOR * self.rp_min_entries):
             return
         _, last, prev, _cluster = data
@@ -953,6 +952,16 @@ class _RaftpaySerializer(Serializer):
         except Exception:
             log.exception("cannot start writing a snapshot; the journal keeps its entries")
             self.rp_retry_at = time.monotonic() + self.RP_RETRY_S
+
+    def rp_log_outgrew_snapshot(self) -> bool:
+        """The log's entries take as many bytes as the snapshot in place (or there is none)."""
+        return self.rp_so._SyncObj__raftLog.rp_live_bytes >= self.rp_snapshot_bytes
+
+    def rp_compact_due(self) -> bool:
+        """Upstream counts entries only; by bytes, a compaction is due once the log's entries
+        take `rp_min_bytes` and have outgrown the snapshot, and none is being written."""
+        return (self.rp_job is None and self.rp_log_outgrew_snapshot()
+                and self.rp_so._SyncObj__raftLog.rp_live_bytes >= self.rp_min_bytes)
 
     def checkSerializing(self):
         job = self.rp_job
@@ -1130,7 +1139,7 @@ class _RaftpaySyncObj(SyncObj):
 
     def __init__(self, owner, self_addr: str, other_addrs: list[str], conf: SyncObjConf,
                  journal_path: str, fsync: bool, poller: _LoopPoller | None = None,
-                 compaction_bytes: int = _RaftpaySerializer.rp_min_bytes):
+                 compaction_bytes: int = 64 * 1024 * 1024):
         assert not conf.autoTick, "the adapter must own the tick thread"
         self._rp_poller = poller  # None: upstream's own (a thread that ticks with a timeout)
         # Our connections seal frames with this, not with upstream's Fernet (see _Sealer).
@@ -1146,8 +1155,7 @@ class _RaftpaySyncObj(SyncObj):
         self._SyncObj__raftLog._destroy()
         self._SyncObj__raftLog = _RaftpayJournal(journal_path, fsync)
         # Likewise the snapshot handling; nothing has been serialized or transmitted yet.
-        self._SyncObj__serializer = _RaftpaySerializer(self, conf, fsync)
-        self._SyncObj__serializer.rp_min_bytes = compaction_bytes
+        self._SyncObj__serializer = _RaftpaySerializer(self, conf, fsync, compaction_bytes)
 
     # Upstream assigns `self._poller = createPoller(conf.pollerType)` in its __init__ and hands
     # it to the transport; a loop poller given to us takes its place before anything subscribes.
@@ -1253,13 +1261,11 @@ class _RaftpaySyncObj(SyncObj):
                        "connected": self.isNodeConnected(n)}
                 for n in self._SyncObj__otherNodes}
 
-    def rp_snapshot_bytes(self) -> int:
-        """Size of the snapshot file in place (0: none yet)."""
-        return self._SyncObj__serializer.rp_snapshot_bytes
-
-    def rp_log_bytes(self) -> int:
-        """Bytes of the commands in the log (what a restart replays after the snapshot)."""
-        return self._SyncObj__raftLog.rp_live_bytes
+    def rp_compact_if_due_by_bytes(self) -> None:
+        """Have upstream start a compaction at its next tick if one is due by the log's bytes
+        (`_RaftpaySerializer.rp_compact_due`)."""
+        if self._SyncObj__serializer.rp_compact_due():
+            self.forceLogCompaction()
 
     def rp_journal_syncs(self) -> int:
         return self._SyncObj__raftLog.rp_syncs
@@ -2205,8 +2211,7 @@ class Node:
         if now >= self._next_ping:
             self._next_ping = now + self._heartbeat_s
             so.rp_ping_peers()
-        if self._compaction_due_by_bytes(so):
-            so.forceLogCompaction()  # upstream starts it at its next tick
+        so.rp_compact_if_due_by_bytes()
         if is_leader and now < self._step_down_until and now >= self._next_step_down_try:
             self._next_step_down_try = now + self._heartbeat_s
             target = self._step_down_target(so)
@@ -2216,11 +2221,6 @@ class Node:
             self._ready.set()
         self._published_log = (so.rp_last_index(), so._getRaftLogSize())
         self._published_role = (so.rp_role(), so.raftCurrentTerm, so.rp_leader_addr())
-
-    def _compaction_due_by_bytes(self, so: _RaftpaySyncObj) -> bool:
-        live = so.rp_log_bytes()
-        return (live >= self._compaction_bytes and live >= so.rp_snapshot_bytes()
-                and not so.rp_snapshot_writing())
 
     def _take_proposals(self, so: _RaftpaySyncObj, is_leader: bool) -> bool:
         """Append every queued proposal (leader) or refuse it; True if anything was appended.
