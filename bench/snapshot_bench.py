@@ -8,17 +8,21 @@ tick that writes a snapshot, say) shows as a late wake-up.  A proposer thread ke
 `--batch` transfers in flight, so the ledger changes while snapshots are written and every
 compaction happens under load; the node compacts every `--compact-entries` entries.
 
-Both ways run in the same process, one after the other, on the same ledger, each until
+The ways run in the same process, one after the other, on the same ledger, each until
 `--compactions` snapshots were placed:
 
 * **old**: `snapshot_in_background=False`, the snapshot serialised and written on the Raft
   thread (the loop's thread), as before;
-* **new**: the default, a forked child writes it; the loop pays for the fork, the rename and the
+* **copied**: a forked child makes the ledger's snapshot into one bytes object and writes that
+  (how the child worked before `Ledger.snapshot_parts`);
+* **new**: the default, a forked child writes the snapshot's parts, the columns straight from
+  the memory it shares with the node; the loop pays for the fork, the rename and the
   compaction of the journal.
 
-Prints a markdown table (longest stall, p99 and max commit latency, compactions, the fork's own
-cost measured beside) and the ratio old / new of the longest stall.  Numbers depend on the
-machine and its load: compare the two rows of one run, not runs.
+Prints a markdown table (longest stall, p99 and max commit latency, compactions, what each
+snapshot cost its writer in CPU and page faults per million transfers in it, the fork's own cost measured beside), the ratio
+old / new of the longest stall and copied / new of the writer's cost.  Numbers depend on the
+machine and its load: compare the rows of one run, not runs.
 """
 
 from __future__ import annotations
@@ -90,7 +94,11 @@ def fork_cost_ms(repeat: int = 5) -> float:
     return statistics.median(samples)
 
 
-def run_mode(background: bool, ledger: Ledger, args, next_id: list[int]) -> dict:
+MODES = {"old": "old (on the loop)", "copied": "forked writer, one bytes object",
+         "new": "forked writer, parts (default)"}
+
+
+def run_mode(mode: str, ledger: Ledger, args, next_id: list[int]) -> dict:
     data_dir = tempfile.mkdtemp(prefix="raftpay-snapbench-", dir=args.dir)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
@@ -104,14 +112,18 @@ def run_mode(background: bool, ledger: Ledger, args, next_id: list[int]) -> dict
     _Prebuilt.ledger = ledger
     node = rn.Node("bench", _free_addr(), {}, data_dir, fsync=args.fsync,
                    log_compaction_min_entries=args.compact_entries, ledger_cls=_Prebuilt,
-                   snapshot_in_background=background, propose_timeout_s=60)
+                   snapshot_in_background=mode != "old", propose_timeout_s=60)
     started: list[float] = []
+    jobs: list = []  # (job, transfers in its snapshot)
     orig_begin = node._begin_snapshot
 
     def begin(last, prev):  # count compactions as the adapter starts them
         started.append(time.monotonic())
-        return orig_begin(last, prev)
+        jobs.append((orig_begin(last, prev), ledger.transfer_count))
+        return jobs[-1][0]
     node._begin_snapshot = begin
+    if mode == "copied":  # the child asks the ledger for its parts: hand it one copy instead
+        ledger.snapshot_parts = lambda: [b"".join(Ledger.snapshot_parts(ledger))]
     on_loop(node.start, loop)
     gaps: list[float] = []
     probing = True
@@ -164,8 +176,14 @@ def run_mode(background: bool, ledger: Ledger, args, next_id: list[int]) -> dict
     thread.join(10)
     loop.close()
     shutil.rmtree(data_dir, ignore_errors=True)
+    ledger.__dict__.pop("snapshot_parts", None)
     latencies.sort()
-    return {"mode": "new (forked writer)" if background else "old (on the loop)",
+    # The ledger grows from way to way: a writer's cost is given per million transfers.
+    costs = [(j.cost, 1e6 / n) for j, n in jobs if j.cost is not None]
+    return {"mode": MODES[mode],
+            "writer_cpu_s": statistics.mean((u + s) * k for (u, s, _), k in costs)
+            if costs else None,
+            "writer_faults": statistics.mean(f * k for (_, _, f), k in costs) if costs else None,
             "compactions": len(started), "proposals": len(latencies),
             "longest_stall_ms": max(gaps) * 1000,
             "p99_commit_ms": latencies[int(0.99 * (len(latencies) - 1))] * 1000,
@@ -204,22 +222,30 @@ def main(argv: list[str] | None = None) -> int:
           f"process RSS {rss_mb:.0f} MiB; fork alone {fork_cost_ms():.1f} ms", file=sys.stderr,
           flush=True)
     next_id = [args.transfers + 1]
-    rows = []
-    for background in (False, True):
-        rows.append(run_mode(background, ledger, args, next_id))
-        print(f"{rows[-1]['mode']}: longest stall {rows[-1]['longest_stall_ms']:.0f} ms",
-              file=sys.stderr, flush=True)
-    print("| way | compactions | proposals | longest loop stall | p99 commit | max commit |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for r in rows:
+    rows = {}
+    for mode in MODES:
+        rows[mode] = r = run_mode(mode, ledger, args, next_id)
+        print(f"{r['mode']}: longest stall {r['longest_stall_ms']:.0f} ms", file=sys.stderr,
+              flush=True)
+    print("| way | compactions | proposals | longest loop stall | p99 commit | max commit "
+          "| writer CPU per 1M transfers | writer page faults per 1M transfers |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows.values():
+        cpu = "-" if r["writer_cpu_s"] is None else f"{r['writer_cpu_s']:.2f} s"
+        faults = "-" if r["writer_faults"] is None else f"{r['writer_faults']:,.0f}"
         print(f"| {r['mode']} | {r['compactions']} | {r['proposals']} | "
               f"{r['longest_stall_ms']:.1f} ms | {r['p99_commit_ms']:.1f} ms | "
-              f"{r['max_commit_ms']:.1f} ms |")
-    old, new = rows
+              f"{r['max_commit_ms']:.1f} ms | {cpu} | {faults} |")
+    old, copied, new = rows["old"], rows["copied"], rows["new"]
     ratio = old["longest_stall_ms"] / new["longest_stall_ms"]
     print(f"\nlongest loop stall, old / new: {ratio:.1f}x ({old['longest_stall_ms']:.0f} ms -> "
           f"{new['longest_stall_ms']:.0f} ms) with a {size_mb:.0f} MiB snapshot, "
           f"{args.transfers:,} transfers")
+    if copied["writer_cpu_s"] and new["writer_cpu_s"]:
+        print(f"writer CPU per million transfers, copied / new: "
+              f"{copied['writer_cpu_s'] / new['writer_cpu_s']:.2f}x "
+              f"({copied['writer_cpu_s']:.2f} s -> {new['writer_cpu_s']:.2f} s); page faults "
+              f"{copied['writer_faults']:,.0f} -> {new['writer_faults']:,.0f}")
     return 0
 
 

@@ -5,6 +5,8 @@ event, and checks the event's code.  A failing event must change nothing that ma
 accounts, transfers (a remembered transient failure may only add its failure record).
 """
 
+import sys
+
 import pytest
 
 from raftpay import ledger as L
@@ -336,6 +338,43 @@ def test_snapshot_rejects_foreign_bytes():
     import msgpack
     with pytest.raises(ValueError, match="version"):
         Ledger.restore(msgpack.packb({"format": "raftpay-ledger", "version": 99}))
+
+
+@pytest.mark.parametrize("transfers", [0, 1, 40, 9000])
+def test_snapshot_parts_are_msgpacks_own_encoding(transfers):
+    # The parts are the map msgpack.packb writes, headers included: 9,000 transfers put the
+    # columns past 64 KiB (bin 32), 40 past 255 bytes (bin 16), 1 and 0 in bin 8.
+    import hashlib
+
+    import msgpack
+    led = base()
+    for start in range(0, transfers, 4000):
+        submit(led, [xfer(i, amount=1 + i % 3, user_data=i) for i in
+                     range(start, min(transfers, start + 4000))], T0 + MS + start)
+    parts = led.snapshot_parts()
+    data = b"".join(parts)
+    del parts
+    assert msgpack.packb(msgpack.unpackb(data, raw=False, strict_map_key=False),
+                         use_bin_type=True) == data
+    assert data == led.snapshot()
+    assert hashlib.sha256(data).hexdigest() == led.state_hash()
+    assert Ledger.restore(data).snapshot() == data
+
+
+@pytest.mark.skipif(sys.byteorder != "little", reason="the columns are copied on big-endian")
+def test_snapshot_parts_view_the_columns_instead_of_copying_them():
+    led = base()
+    parts = led.snapshot_parts()
+    viewed = [p.obj for p in parts if type(p) is memoryview]
+    columns = [led._t_debit, led._t_credit, led._t_amount, led._t_ts, led._t_flags,
+               led._t_user_data, led._t_pending, led._t_timeout]
+    assert len(viewed) == len(columns) and all(v is c for v, c in zip(viewed, columns))
+    with pytest.raises(BufferError):  # so only a forked child, whose copy stays still, uses them
+        submit(led, [xfer("while-viewed")], T0 + 2 * MS)
+    led = base()  # that one is torn: its id list grew, its columns did not
+    led.snapshot()
+    led.state_hash()
+    assert submit(led, [xfer("after")], T0 + 3 * MS) == [Code.OK]
 
 
 # --- Edge input found by the property tests -----------------------------------------------------

@@ -27,6 +27,7 @@ process): the child writes half its file, then sleeps.
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import shutil
 import threading
@@ -590,6 +591,31 @@ def test_a_failed_writer_keeps_the_journal_and_backs_off(tmp_path):
     assert not os.path.exists(tmp_path / rn.SNAPSHOT_FILE)
     ser.serialize(DATA, 9)  # within the back-off: not started again
     assert len(calls) == 1 and ser.checkSerializing()[0] == SERIALIZER_STATE.NOT_SERIALIZING
+
+
+def test_a_placed_snapshot_reports_what_its_writer_cost(tmp_path, caplog):
+    path = str(tmp_path / (rn.SNAPSHOT_WRITING_PREFIX + "1"))
+    jobs = []
+
+    def begin(last, prev):
+        def write():
+            data = b"x" * (8 << 20)  # 2,048 fresh pages the child faults in
+            with open(path, "wb") as fh:
+                fh.write(data)
+        jobs.append(rn._SnapshotJob.forked(path, write))
+        return jobs[-1]
+    ser = _serializer(tmp_path, begin)
+    caplog.set_level(logging.INFO, logger="raftpay.node")
+    ser.serialize(DATA, 9)
+    state = wait_for(lambda: (lambda s: s if s[0] != SERIALIZER_STATE.SERIALIZING else None)(
+        ser.checkSerializing()), what="the writer to finish")
+    assert state == (SERIALIZER_STATE.SUCCESS, 9)
+    user, system, faults = jobs[0].cost
+    assert faults >= 2048 and user + system > 0
+    line = [r.getMessage() for r in caplog.records if "snapshot in place" in r.getMessage()]
+    assert len(line) == 1 and "compacts to index 9: 8.0 MB" in line[0], line
+    assert f"{faults} page faults" in line[0]
+    ser.rp_destroy()
 
 
 def _finish_rewrite(j):
