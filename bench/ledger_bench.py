@@ -14,6 +14,11 @@ ceiling every node's apply loop runs under.
   and 16-char str ids; the RSS growth of the process is shown beside it.
 * **Snapshot and restore** of a `--memory-transfers` ledger: `snapshot()` time, snapshot size,
   `Ledger.restore()` time (best of `--repeat`), and `state_hash()` time.
+* **Stalls while growing** (`--only growth`, not in the default run: it needs a few GB): one
+  ledger grown to `--growth-transfers` transfers in batches of 8,000, each batch timed; the
+  median batch, and the slowest ones with the ledger's size when they ran.  A replica's Raft
+  thread does nothing else while it applies, so a batch that takes longer than the election
+  timeout costs the cluster an election.
 
 Prints a markdown table with the issue's targets beside each figure and writes JSON to
 `bench/results/ledger.json` (or `--out`).  Exit code 0 even when a target is missed: this is a
@@ -178,6 +183,27 @@ def measure_snapshot(n: int, kind: str, repeat: int) -> dict:
 # ------------------------------------------------------------------------------------------------
 # Report
 # ------------------------------------------------------------------------------------------------
+def measure_growth(n: int, kind: str, chunk: int = 80_000, slowest: int = 5) -> dict:
+    led = new_ledger(kind)
+    ts = 2 * MS
+    times = []  # (seconds, transfers in the ledger before the batch)
+    for start in range(0, n, chunk):
+        for cmd in build_commands(start, min(chunk, n - start), 8000, kind):
+            ts += MS
+            before = led.transfer_count
+            t0 = time.perf_counter()
+            reply = led.apply(cmd, ts)
+            times.append((time.perf_counter() - t0, before))
+            if reply["code"] != 0:
+                raise RuntimeError(f"submit failed: {reply}")
+    median = sorted(t for t, _ in times)[len(times) // 2]
+    worst = sorted(times, reverse=True)[:slowest]
+    return {"ids": kind, "transfers": led.transfer_count, "batches": len(times),
+            "median_batch_s": median,
+            "slowest": [{"seconds": t, "transfers_before": b} for t, b in sorted(
+                worst, key=lambda w: w[1])]}
+
+
 def _mark(ok: bool) -> str:
     return "ok" if ok else "MISSED"
 
@@ -206,6 +232,12 @@ def markdown(res: dict) -> str:
                      f"{size / 1e6:.1f} MB ({per:.0f} B/transfer) | - |")
         lines.append(f"| state_hash ({r['transfers']:,} transfers) | {r['ids']} | "
                      f"{r['state_hash_s']:.2f} s | - |")
+    for r in res.get("growth", []):
+        slow = ", ".join(f"{w['seconds'] * 1000:,.0f} ms at {w['transfers_before']:,}"
+                         for w in r["slowest"])
+        lines.append(f"| batches of 8,000 while growing to {r['transfers']:,} transfers | "
+                     f"{r['ids']} | median {r['median_batch_s'] * 1000:.1f} ms; slowest: "
+                     f"{slow} | - |")
     return "\n".join(lines)
 
 
@@ -216,11 +248,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="transfers per throughput run (default: %(default)s)")
     ap.add_argument("--memory-transfers", type=int, default=1_000_000,
                     help="ledger size for the memory and snapshot figures (default: %(default)s)")
+    ap.add_argument("--growth-transfers", type=int, default=12_000_000,
+                    help="ledger size the growth run reaches (default: %(default)s)")
     ap.add_argument("--batches", default="1,100,8000", help="batch sizes (default: %(default)s)")
     ap.add_argument("--ids", default="int,str", help="id kinds: int, str (default: %(default)s)")
     ap.add_argument("--repeat", type=int, default=3, help="best of N (default: %(default)s)")
     ap.add_argument("--only", default="apply,memory,snapshot",
-                    help="which parts to run (default: %(default)s)")
+                    help="which parts to run, of apply,memory,snapshot,growth "
+                         "(default: %(default)s)")
     ap.add_argument("--out", default=DEFAULT_OUT, help="JSON output (default: %(default)s)")
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",") if b]
@@ -255,6 +290,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"snapshot ids={kind}: {r['snapshot_plus_restore_s']:.2f} s",
                   file=sys.stderr, flush=True)
             res["snapshot"].append(r)
+    if "growth" in parts:
+        res["growth"] = []
+        for kind in kinds:
+            r = measure_growth(args.growth_transfers, kind)
+            print(f"growth ids={kind}: slowest batch "
+                  f"{max(w['seconds'] for w in r['slowest']):.2f} s",
+                  file=sys.stderr, flush=True)
+            res["growth"].append(r)
     table = markdown(res)
     print(table)
     res["markdown"] = table

@@ -20,9 +20,10 @@ The ways run in the same process, one after the other, on the same ledger, each 
   compaction of the journal.
 
 Prints a markdown table (longest stall, p99 and max commit latency, compactions, what each
-snapshot cost its writer in CPU and page faults per million transfers in it, the fork's own cost measured beside), the ratio
-old / new of the longest stall and copied / new of the writer's cost.  Numbers depend on the
-machine and its load: compare the rows of one run, not runs.
+snapshot cost its writer in CPU and page faults per million transfers in it, the fork's own
+cost measured beside), the ratio old / new of the longest stall and copied / new of the
+writer's cost.  Numbers depend on the machine and its load: compare the rows of one run, not
+runs.
 """
 
 from __future__ import annotations

@@ -217,3 +217,16 @@ def test_smoke_profile_runs_end_to_end_and_writes_reports(tmp_path):
             <= set(doc["plots"])
         for p in doc["plots"]:
             assert (tmp_path / p).stat().st_size > 10_000
+
+
+def test_ledger_growth_times_every_batch_and_names_the_slowest(tmp_path, capsys):
+    from bench import ledger_bench
+    out = tmp_path / "ledger.json"
+    assert ledger_bench.main(["--only", "growth", "--growth-transfers", "20000", "--ids", "int",
+                              "--out", str(out)]) == 0
+    (r,) = json.loads(out.read_text())["growth"]
+    assert r["transfers"] == 20_000 and r["batches"] == 3  # 8,000 + 8,000 + 4,000
+    sizes = [w["transfers_before"] for w in r["slowest"]]
+    assert sizes == [0, 8_000, 16_000]  # every batch, in the order the ledger grew
+    assert max(w["seconds"] for w in r["slowest"]) >= r["median_batch_s"] > 0
+    assert "while growing to 20,000 transfers | int | median" in capsys.readouterr().out
