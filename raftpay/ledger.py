@@ -127,6 +127,41 @@ _OK = Code.OK
 _EXISTS = Code.EXISTS
 
 
+def _id_shard_table(shards: int, slots: int) -> bytes:
+    """Slot (a hash modulo `slots`) -> shard, giving shard j a share of the slots in proportion
+    to 2 ** (j / shards): the shares span one doubling, evenly in ratio.  See `_ID_SHARD_OF`."""
+    weights = [2 ** (j / shards) for j in range(shards)]
+    exact = [slots * w / sum(weights) for w in weights]
+    counts = [int(x) for x in exact]
+    by_remainder = sorted(range(shards), key=lambda j: counts[j] - exact[j])
+    for j in by_remainder[:slots - sum(counts)]:
+        counts[j] += 1
+    return bytes(j for j in range(shards) for _ in range(counts[j]))
+
+
+#: The transfer index (id -> row) is split into `_ID_SHARDS` dicts by the id's hash.  A dict
+#: that grows rebuilds its whole table at each doubling, in one call: one dict of 11M ids took
+#: 2.1 s to do it, on every replica, longer than an election timeout.  Shards of equal shares
+#: would all rebuild at the same moment (to within the hash's noise), so the shares differ,
+#: spread over one doubling: the shards rebuild one at a time, each a 1/64-1/32 part of the
+#: index.  Shard choice uses `hash()`, which differs between processes for str ids; nothing
+#: that reaches the state (snapshot, hash, replies) depends on it.
+_ID_SHARDS = 64
+#: A prime, written out where an id is looked up (``% 8179``).  Not a power of two: a dict
+#: places a key by its hash's low bits, so shards chosen by those same bits would hold keys
+#: that all fall on a sliver of their tables (sequential ids ran 8-18% slower that way).
+#: Enough slots that no two shards get the same share (equal shares rebuild together).
+_ID_SLOTS = 8179
+_ID_SHARD_OF = _id_shard_table(_ID_SHARDS, _ID_SLOTS)
+
+
+def _new_id_index() -> list[dict]:
+    """The transfer index: for each of the `_ID_SLOTS` slots, the shard (one dict of 64) it
+    maps to, so a lookup is ``index[hash(tid) % 8179][tid]``."""
+    shards = [{} for _ in range(_ID_SHARDS)]
+    return [shards[j] for j in _ID_SHARD_OF]
+
+
 def _id_code(value: Any, missing: Code, invalid: Code) -> int:
     """Validate an id (int 1..2**64-1 or non-empty str of at most 64 UTF-8 bytes)."""
     if value is None:
@@ -245,8 +280,8 @@ class Ledger:
         self._a_cpend: list[int] = []
         self._a_cpost: list[int] = []
         self._a_hist: list[array] = []  # rows of the transfers touching the account, in order
-        # Transfers: dict id -> row, and one compact array per field.
-        self._tx: dict[Any, int] = {}
+        # Transfers: id -> row in `_ID_SHARDS` dicts (`_ids_of`), and one compact array per field.
+        self._tx: list[dict[Any, int]] = _new_id_index()
         self._t_id: list = []
         self._t_debit = array("I")  # account rows
         self._t_credit = array("I")
@@ -437,12 +472,19 @@ class Ledger:
         self.last_ts = max(self.last_ts, now + n - 1)
         return results
 
+    def _ids_of(self, tid) -> dict:
+        """The shard of the transfer index that holds `tid` if anything does."""
+        return self._tx[hash(tid) % 8179]
+
     def _store_transfer(self, tid, drow: int, crow: int, amount: int, ts: int, flags: int,
-                        user_data: int, prow: int, timeout_ms: int) -> int:
+                        user_data: int, prow: int, timeout_ms: int, ids: dict | None = None) -> int:
         """Append one transfer to every column and to both accounts' histories; returns its
-        row.  The one place that knows the column layout (rollback pops the same columns)."""
+        row.  The one place that knows the column layout (rollback pops the same columns).
+        `ids`: `tid`'s shard of the index, if the caller has it already."""
         row = len(self._t_id)
-        self._tx[tid] = row
+        if ids is None:
+            ids = self._tx[hash(tid) % 8179]
+        ids[tid] = row
         self._t_id.append(tid)
         self._t_debit.append(drow)
         self._t_credit.append(crow)
@@ -513,8 +555,10 @@ class Ledger:
                 or not 0 < amount <= MAX_AMOUNT or not 0 < currency <= MAX_U32
                 or not 0 <= user_data <= MAX_U64 or not _plain_id(tid)
                 or not _plain_id(debit_id) or not _plain_id(credit_id)
-                or (debit_id == credit_id and type(debit_id) is type(credit_id))
-                or tid in self._tx or tid in self._failed):
+                or (debit_id == credit_id and type(debit_id) is type(credit_id))):
+            return None
+        ids = self._tx[hash(tid) % 8179]
+        if tid in ids or tid in self._failed:
             return None
         drow = self._acc.get(debit_id)
         crow = self._acc.get(credit_id)
@@ -535,7 +579,7 @@ class Ledger:
         if a_flags[crow] & CREDITS_MUST_NOT_EXCEED_DEBITS and (
                 self._a_cpend[crow] + cposted > self._a_dpost[crow]):
             return None
-        self._store_transfer(tid, drow, crow, amount, ts, 0, user_data, -1, 0)
+        self._store_transfer(tid, drow, crow, amount, ts, 0, user_data, -1, 0, ids)
         self._a_dpost[drow] = dposted
         self._a_cpost[crow] = cposted
         return _OK
@@ -713,7 +757,8 @@ class Ledger:
 
         # Idempotency.  An applied post/void is compared with the gaps it left filled in from
         # its pending transfer (which never goes away); a remembered failure with the raw body.
-        row = self._tx.get(tid)
+        ids = self._ids_of(tid)
+        row = ids.get(tid)
         if row is not None:
             if resolving:
                 prow = self._t_pending[row]
@@ -739,7 +784,7 @@ class Ledger:
 
         # Apply.
         row = self._store_transfer(tid, drow, crow, amount, ts, flags, user_data, prow,
-                                   timeout_ms)
+                                   timeout_ms, ids)
         undo = self._undo
         if kind == 0:
             self._a_dpost[drow] += amount
@@ -776,7 +821,7 @@ class Ledger:
         prow = -1
         resolving = kind == POST_PENDING or kind == VOID_PENDING
         if resolving:
-            prow = self._tx.get(pending_id, -1)
+            prow = self._ids_of(pending_id).get(pending_id, -1)
             if prow < 0:
                 return Code.PENDING_TRANSFER_NOT_FOUND
             if not self._t_flags[prow] & PENDING:
@@ -884,7 +929,8 @@ class Ledger:
                 self._a_cpend[crow] -= cpend
                 self._a_cpost[crow] -= cpost
                 row = len(self._t_id) - 1
-                del self._tx[self._t_id.pop()]
+                tid = self._t_id.pop()
+                del self._ids_of(tid)[tid]
                 for col in (self._t_debit, self._t_credit, self._t_amount, self._t_ts,
                             self._t_flags, self._t_user_data, self._t_pending, self._t_timeout):
                     col.pop()
@@ -939,7 +985,7 @@ class Ledger:
             if type(tid) not in (int, str):
                 out.append(None)
                 continue
-            row = self._tx.get(tid)
+            row = self._ids_of(tid).get(tid)
             if row is not None:
                 out.append(self._transfer_dict(row))
                 continue
@@ -1113,7 +1159,8 @@ class Ledger:
         led._a_hist = [_from_le("I", h) for h in hist]
         t_id, *cols = doc["transfers"]
         led._t_id = t_id
-        led._tx = dict(zip(t_id, range(len(t_id))))
+        for row, tid in enumerate(t_id):
+            led._tx[hash(tid) % 8179][tid] = row
         (led._t_debit, led._t_credit, led._t_amount, led._t_ts, led._t_flags, led._t_user_data,
          led._t_pending, led._t_timeout) = [
             _from_le(tc, b) for tc, b in zip("IIQQBQiI", cols)]

@@ -377,6 +377,48 @@ def test_snapshot_parts_view_the_columns_instead_of_copying_them():
     assert submit(led, [xfer("after")], T0 + 3 * MS) == [Code.OK]
 
 
+def test_the_transfer_index_shards_rebuild_one_at_a_time():
+    # A dict rebuilds its table as it grows; 64 equal shards would all do it at the same
+    # moment, as one big dict does (2.1 s at 11M ids here, longer than an election timeout).
+    import collections
+    shares = collections.Counter(L._ID_SHARD_OF)
+    assert len(L._ID_SHARD_OF) == L._ID_SLOTS and len(shares) == L._ID_SHARDS
+    assert 1.8 < max(shares.values()) / min(shares.values()) < 2.2
+    index = L._new_id_index()
+    sizes = {id(d): sys.getsizeof(d) for d in index}
+    rebuilt = []  # (ids inserted so far, shard) each time a shard's table grew
+    n = 400_000
+    for i in range(1, n + 1):
+        shard = index[hash(i) % 8179]
+        shard[i] = i
+        size = sys.getsizeof(shard)
+        if size != sizes[id(shard)]:
+            sizes[id(shard)] = size
+            rebuilt.append((i, id(shard)))
+    last_doubling = [(i, k) for i, k in rebuilt if i > n // 2]
+    shards = [k for _, k in last_doubling]  # each grew once in it (but at its two ends)
+    assert len(set(shards)) == len(shards) >= L._ID_SHARDS - 4
+    at = [i for i, _ in last_doubling]
+    for i in at:  # spread over it: equal shares would put all 64 in one window
+        assert sum(1 for j in at if i <= j < i * 2 ** (1 / 8)) <= 16, at
+
+
+def test_transfer_ids_are_found_in_their_shard_after_apply_rollback_and_restore():
+    led = base()
+    ids = [8179 * k + 7 for k in range(1, 40)] + [f"s-{k}" for k in range(40)]  # one shard, many
+    submit(led, [xfer(t, amount=1) for t in ids], T0 + MS)
+    failed = led.apply({"type": "submit", "events": [  # a linked chain that rolls back
+        xfer("gone-1", amount=1, flags=L.LINKED), xfer("gone-2", debit="nobody")]}, T0 + 2 * MS)
+    assert failed["results"][0] == Code.LINKED_EVENT_FAILED
+    for led2 in (led, Ledger.restore(led.snapshot())):
+        found = led2.lookup_transfers(ids + ["gone-1", "gone-2", 7])
+        assert [f["id"] for f in found[:len(ids)]] == ids
+        assert found[len(ids):] == [None, None, None]
+        assert sum(len(d) for d in {id(d): d for d in led2._tx}.values()) \
+            == led2.transfer_count
+        assert submit(led2, [xfer(ids[3], amount=1)], T0 + 3 * MS) == [Code.EXISTS]
+
+
 # --- Edge input found by the property tests -----------------------------------------------------
 
 def test_lone_surrogate_id_is_invalid_and_snapshots_still_work():
