@@ -618,6 +618,21 @@ def test_a_placed_snapshot_reports_what_its_writer_cost(tmp_path, caplog):
     ser.rp_destroy()
 
 
+def test_the_forked_writer_runs_at_the_lowest_cpu_priority(tmp_path):
+    path = str(tmp_path / (rn.SNAPSHOT_WRITING_PREFIX + "1"))
+
+    def write():
+        with open(path, "w") as fh:
+            fh.write(str(os.getpriority(os.PRIO_PROCESS, 0)))
+    job = rn._SnapshotJob.forked(path, write)
+    wait_for(lambda: job.poll() is not None, what="the writer")
+    assert job.poll() is True
+    parent = os.getpriority(os.PRIO_PROCESS, 0)
+    with open(path) as fh:
+        assert int(fh.read()) == min(19, parent + rn.SNAPSHOT_WRITER_NICE) == 19
+    assert os.getpriority(os.PRIO_PROCESS, 0) == parent  # the node itself is untouched
+
+
 def _finish_rewrite(j):
     wait_for(lambda: j.rp_rewrite is None or j.rp_rewrite[1].done(), what="the rewrite")
     j.rp_finish_rewrite()
