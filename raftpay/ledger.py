@@ -477,13 +477,11 @@ class Ledger:
         return self._tx[hash(tid) % 8179]
 
     def _store_transfer(self, tid, drow: int, crow: int, amount: int, ts: int, flags: int,
-                        user_data: int, prow: int, timeout_ms: int, ids: dict | None = None) -> int:
+                        user_data: int, prow: int, timeout_ms: int, ids: dict) -> int:
         """Append one transfer to every column and to both accounts' histories; returns its
         row.  The one place that knows the column layout (rollback pops the same columns).
-        `ids`: `tid`'s shard of the index, if the caller has it already."""
+        `ids`: `tid`'s shard of the index (`_ids_of`), which every caller has looked in."""
         row = len(self._t_id)
-        if ids is None:
-            ids = self._tx[hash(tid) % 8179]
         ids[tid] = row
         self._t_id.append(tid)
         self._t_debit.append(drow)
