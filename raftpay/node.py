@@ -89,6 +89,9 @@ SNAPSHOT_WRITING_PREFIX = SNAPSHOT_FILE + ".writing."
 SNAPSHOT_SYNC_BYTES = 4 * 1024 * 1024
 #: How much a forked snapshot writer lowers its CPU priority (see `_SnapshotJob`).
 SNAPSHOT_WRITER_NICE = 19
+#: Bytes of log entries that start a compaction, unless the config says otherwise (the default
+#: of `[raft] log_compaction_bytes`).
+LOG_COMPACTION_BYTES = 64 * 1024 * 1024
 
 FSYNC_POLICIES = ("always", "never")
 
@@ -924,7 +927,8 @@ class _RaftpaySerializer(Serializer):
     RP_ENTRIES_CAP_FACTOR = 20
     rp_snapshot_bytes = 0  # size of the snapshot file in place (0: none)
 
-    def __init__(self, so, conf: SyncObjConf, fsync: bool, min_bytes: int = 64 * 1024 * 1024):
+    def __init__(self, so, conf: SyncObjConf, fsync: bool,
+                 min_bytes: int = LOG_COMPACTION_BYTES):
         # Upstream's own fork is never used: `serialize` below replaces the code that forks.
         super().__init__(conf.fullDumpFile, conf.logCompactionBatchSize, False, conf.serializer,
                          conf.deserializer, None)
@@ -1158,7 +1162,7 @@ class _RaftpaySyncObj(SyncObj):
 
     def __init__(self, owner, self_addr: str, other_addrs: list[str], conf: SyncObjConf,
                  journal_path: str, fsync: bool, poller: _LoopPoller | None = None,
-                 compaction_bytes: int = 64 * 1024 * 1024):
+                 compaction_bytes: int = LOG_COMPACTION_BYTES):
         assert not conf.autoTick, "the adapter must own the tick thread"
         self._rp_poller = poller  # None: upstream's own (a thread that ticks with a timeout)
         # Our connections seal frames with this, not with upstream's Fernet (see _Sealer).
@@ -1692,7 +1696,7 @@ class Node:
                  log_compaction_min_entries: int = 5000, max_pending_proposals: int = 100_000,
                  ledger_cls=None, snapshot_in_background: bool = hasattr(os, "fork"),
                  snapshot_delay_s: float = 0.0, freeze_heap: bool = False,
-                 log_compaction_min_bytes: int = 64 * 1024 * 1024):
+                 log_compaction_min_bytes: int = LOG_COMPACTION_BYTES):
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync must be one of {FSYNC_POLICIES}, not {fsync!r}")
         if heartbeat_ms is None:

@@ -275,6 +275,8 @@ def test_good_config_loads_with_defaults(tmp_path):
     cfg = load_doc(tmp_path, good_doc())
     assert cfg.node.id == "n1" and cfg.node.mode == "raft"
     assert cfg.raft == RaftConfig()
+    from raftpay.node import LOG_COMPACTION_BYTES  # the same default for a Node made in code
+    assert cfg.raft.log_compaction_bytes == LOG_COMPACTION_BYTES
     assert cfg.server.frame_timeout_ms == 10_000 and cfg.ledger.session_ttl_ms == 600_000
     assert cfg.zk.hosts == "" and cfg.clock.ntp_servers == ()
     assert cfg.source == str(tmp_path / "n1.toml")
