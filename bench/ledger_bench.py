@@ -15,10 +15,12 @@ ceiling every node's apply loop runs under.
 * **Snapshot and restore** of a `--memory-transfers` ledger: `snapshot()` time, snapshot size,
   `Ledger.restore()` time (best of `--repeat`), and `state_hash()` time.
 * **Stalls while growing** (`--only growth`, not in the default run: it needs a few GB): one
-  ledger grown to `--growth-transfers` transfers in batches of 8,000, each batch timed; the
-  median batch, and the slowest ones with the ledger's size when they ran.  A replica's Raft
-  thread does nothing else while it applies, so a batch that takes longer than the election
-  timeout costs the cluster an election.
+  ledger grown by `--growth-transfers` entries in batches of 8,000, each batch timed; the
+  median batch, and the slowest ones with the table's size when they ran.  `--growth-of` says
+  which table grows: transfers (the default), accounts, failures (transfers that fail
+  transiently, which the ledger remembers by id) or pending (two-phase transfers left
+  pending).  A replica's Raft thread does nothing else while it applies, so a batch that
+  takes longer than the election timeout costs the cluster an election.
 
 Prints a markdown table with the issue's targets beside each figure and writes JSON to
 `bench/results/ledger.json` (or `--out`).  Exit code 0 even when a target is missed: this is a
@@ -39,7 +41,8 @@ import sys
 import time
 import tracemalloc
 
-from raftpay.ledger import MS, Ledger
+from raftpay.codes import Code
+from raftpay.ledger import MS, PENDING, Ledger
 
 TARGET_TPS = 300_000  # applied transfers/s in large batches
 TARGET_BYTES = 200  # per stored transfer
@@ -183,24 +186,70 @@ def measure_snapshot(n: int, kind: str, repeat: int) -> dict:
 # ------------------------------------------------------------------------------------------------
 # Report
 # ------------------------------------------------------------------------------------------------
-def measure_growth(n: int, kind: str, chunk: int = 80_000, slowest: int = 5) -> dict:
+#: What `--only growth` can grow: the table each batch adds 8,000 entries to.
+GROWTH_OF = ("transfers", "accounts", "failures", "pending")
+
+
+def growth_commands(what: str, start: int, count: int, batch: int, kind: str) -> list[dict]:
+    """`count` events numbered start.. for `what` (see GROWTH_OF), as submit commands of
+    `batch` events: plain transfers; new accounts; transfers from an account that does not
+    exist (a transient failure, which the ledger remembers by id); pending transfers with no
+    timeout (each stays pending)."""
+    if what == "transfers":
+        return build_commands(start, count, batch, kind)
+    missing = account_id(ACCOUNTS, kind)  # accounts are 0..ACCOUNTS-1
+    cmds = []
+    for b in range(start, start + count, batch):
+        events = []
+        for i in range(b, min(b + batch, start + count)):
+            if what == "accounts":
+                events.append({"op": "create_account", "id": account_id(ACCOUNTS + 1 + i, kind),
+                               "currency": 1})
+            else:
+                events.append({"op": "create_transfer", "id": transfer_id(i, kind),
+                               "debit_account_id": missing if what == "failures"
+                               else account_id(i % ACCOUNTS, kind),
+                               "credit_account_id": account_id((i * 7 + 1) % ACCOUNTS, kind),
+                               "amount": 1 + i % 1000, "currency": 1,
+                               "flags": PENDING if what == "pending" else 0})
+        cmds.append({"type": "submit", "events": events})
+    return cmds
+
+
+#: The result code every event of a growth batch must get.
+_GROWTH_CODE = {"transfers": 0, "accounts": 0, "pending": 0,
+                "failures": int(Code.DEBIT_ACCOUNT_NOT_FOUND)}
+
+
+def measure_growth(n: int, kind: str, what: str = "transfers", chunk: int = 80_000,
+                   slowest: int = 5) -> dict:
     led = new_ledger(kind)
+    # As a node does once its ledger is made or restored (`raftpay.node._settle_heap`): what
+    # lives now is never walked by the garbage collector again, so the stalls measured are the
+    # ones a node would see as its ledger grows.
+    gc.collect()
+    gc.freeze()
     ts = 2 * MS
-    times = []  # (seconds, transfers in the ledger before the batch)
+    want = _GROWTH_CODE[what]
+    times = []  # (seconds, entries of `what` in the ledger before the batch)
     for start in range(0, n, chunk):
-        for cmd in build_commands(start, min(chunk, n - start), 8000, kind):
+        before = start
+        for cmd in growth_commands(what, start, min(chunk, n - start), 8000, kind):
             ts += MS
-            before = led.transfer_count
             t0 = time.perf_counter()
             reply = led.apply(cmd, ts)
             times.append((time.perf_counter() - t0, before))
-            if reply["code"] != 0:
-                raise RuntimeError(f"submit failed: {reply}")
+            before += len(cmd["events"])
+            if reply["code"] != 0 or any(c != want for c in reply["results"]):
+                raise RuntimeError(f"growth batch of {what} failed: {str(reply)[:200]}")
+    del led
+    gc.unfreeze()
+    gc.collect()
     median = sorted(t for t, _ in times)[len(times) // 2]
     worst = sorted(times, reverse=True)[:slowest]
-    return {"ids": kind, "transfers": led.transfer_count, "batches": len(times),
+    return {"ids": kind, "of": what, "size": n, "batches": len(times),
             "median_batch_s": median,
-            "slowest": [{"seconds": t, "transfers_before": b} for t, b in sorted(
+            "slowest": [{"seconds": t, "size_before": b} for t, b in sorted(
                 worst, key=lambda w: w[1])]}
 
 
@@ -233,9 +282,9 @@ def markdown(res: dict) -> str:
         lines.append(f"| state_hash ({r['transfers']:,} transfers) | {r['ids']} | "
                      f"{r['state_hash_s']:.2f} s | - |")
     for r in res.get("growth", []):
-        slow = ", ".join(f"{w['seconds'] * 1000:,.0f} ms at {w['transfers_before']:,}"
+        slow = ", ".join(f"{w['seconds'] * 1000:,.0f} ms at {w['size_before']:,}"
                          for w in r["slowest"])
-        lines.append(f"| batches of 8,000 while growing to {r['transfers']:,} transfers | "
+        lines.append(f"| batches of 8,000 while growing to {r['size']:,} {r['of']} | "
                      f"{r['ids']} | median {r['median_batch_s'] * 1000:.1f} ms; slowest: "
                      f"{slow} | - |")
     return "\n".join(lines)
@@ -249,7 +298,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory-transfers", type=int, default=1_000_000,
                     help="ledger size for the memory and snapshot figures (default: %(default)s)")
     ap.add_argument("--growth-transfers", type=int, default=12_000_000,
-                    help="ledger size the growth run reaches (default: %(default)s)")
+                    help="entries the growth run adds (default: %(default)s)")
+    ap.add_argument("--growth-of", default="transfers",
+                    help="what the growth run adds, any of " + ",".join(GROWTH_OF)
+                         + " (default: %(default)s)")
     ap.add_argument("--batches", default="1,100,8000", help="batch sizes (default: %(default)s)")
     ap.add_argument("--ids", default="int,str", help="id kinds: int, str (default: %(default)s)")
     ap.add_argument("--repeat", type=int, default=3, help="best of N (default: %(default)s)")
@@ -263,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     if any(k not in ("int", "str") for k in kinds) or not batches or args.repeat < 1:
         ap.error("bad --ids, --batches or --repeat")
     parts = set(args.only.split(","))
+    growth_of = [w for w in args.growth_of.split(",") if w]
+    if not growth_of or any(w not in GROWTH_OF for w in growth_of):
+        ap.error(f"--growth-of takes some of {','.join(GROWTH_OF)}, got {args.growth_of!r}")
 
     res: dict = {"python": sys.version.split()[0], "machine": platform.machine(),
                  "cpus": os.cpu_count(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -292,9 +347,9 @@ def main(argv: list[str] | None = None) -> int:
             res["snapshot"].append(r)
     if "growth" in parts:
         res["growth"] = []
-        for kind in kinds:
-            r = measure_growth(args.growth_transfers, kind)
-            print(f"growth ids={kind}: slowest batch "
+        for what, kind in [(w, k) for w in growth_of for k in kinds]:
+            r = measure_growth(args.growth_transfers, kind, what)
+            print(f"growth of {what} ids={kind}: slowest batch "
                   f"{max(w['seconds'] for w in r['slowest']):.2f} s",
                   file=sys.stderr, flush=True)
             res["growth"].append(r)

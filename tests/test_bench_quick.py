@@ -223,10 +223,36 @@ def test_ledger_growth_times_every_batch_and_names_the_slowest(tmp_path, capsys)
     from bench import ledger_bench
     out = tmp_path / "ledger.json"
     assert ledger_bench.main(["--only", "growth", "--growth-transfers", "20000", "--ids", "int",
-                              "--out", str(out)]) == 0
-    (r,) = json.loads(out.read_text())["growth"]
-    assert r["transfers"] == 20_000 and r["batches"] == 3  # 8,000 + 8,000 + 4,000
-    sizes = [w["transfers_before"] for w in r["slowest"]]
-    assert sizes == [0, 8_000, 16_000]  # every batch, in the order the ledger grew
-    assert max(w["seconds"] for w in r["slowest"]) >= r["median_batch_s"] > 0
-    assert "while growing to 20,000 transfers | int | median" in capsys.readouterr().out
+                              "--growth-of", "transfers,failures", "--out", str(out)]) == 0
+    runs = json.loads(out.read_text())["growth"]
+    assert [(r["of"], r["ids"]) for r in runs] == [("transfers", "int"), ("failures", "int")]
+    for r in runs:
+        assert r["size"] == 20_000 and r["batches"] == 3  # 8,000 + 8,000 + 4,000
+        sizes = [w["size_before"] for w in r["slowest"]]
+        assert sizes == [0, 8_000, 16_000]  # every batch, in the order the table grew
+        assert max(w["seconds"] for w in r["slowest"]) >= r["median_batch_s"] > 0
+    printed = capsys.readouterr().out
+    assert "while growing to 20,000 transfers | int | median" in printed
+    assert "while growing to 20,000 failures | int | median" in printed
+
+
+@pytest.mark.parametrize("what", ["accounts", "failures", "pending"])
+def test_ledger_growth_commands_add_to_the_table_they_name(what):
+    # Each batch must grow the table it is named after, and nothing fail by accident.
+    from bench import ledger_bench
+    led = ledger_bench.new_ledger("str")
+    (cmd,) = ledger_bench.growth_commands(what, 0, 50, 8000, "str")
+    reply = led.apply(cmd, 10 * ledger_bench.MS)
+    assert reply["results"] == [ledger_bench._GROWTH_CODE[what]] * 50
+    ids = [e.get("id") for e in cmd["events"]]
+    statuses = {t and t["status"] for t in led.lookup_transfers(ids)}
+    assert led.account_count - ledger_bench.ACCOUNTS == (50 if what == "accounts" else 0)
+    assert statuses == {"accounts": {None}, "failures": {"failed"}, "pending": {"pending"}}[what]
+
+
+def test_ledger_growth_refuses_an_unknown_table(capsys):
+    from bench import ledger_bench
+    with pytest.raises(SystemExit):
+        ledger_bench.main(["--only", "growth", "--growth-of", "sessions"])
+    assert "--growth-of takes some of transfers,accounts,failures,pending" \
+        in capsys.readouterr().err
