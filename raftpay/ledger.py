@@ -139,13 +139,15 @@ def _id_shard_table(shards: int, slots: int) -> bytes:
     return bytes(j for j in range(shards) for _ in range(counts[j]))
 
 
-#: The transfer index (id -> row) is split into `_ID_SHARDS` dicts by the id's hash.  A dict
-#: that grows rebuilds its whole table at each doubling, in one call: one dict of 11M ids took
-#: 2.1 s to do it, on every replica, longer than an election timeout.  Shards of equal shares
-#: would all rebuild at the same moment (to within the hash's noise), so the shares differ,
-#: spread over one doubling: the shards rebuild one at a time, each a 1/64-1/32 part of the
-#: index.  Shard choice uses `hash()`, which differs between processes for str ids; nothing
-#: that reaches the state (snapshot, hash, replies) depends on it.
+#: Every map that grows with the ledger (the transfer index id -> row, and the accounts,
+#: remembered failures and pending states below) is split into `_ID_SHARDS` dicts by the key's
+#: hash.  A dict that grows rebuilds its whole table at each doubling, in one call: one dict
+#: of 11M ids took 2.1 s to do it, on every replica, longer than an election timeout.  Shards
+#: of equal shares would all rebuild at the same moment (to within the hash's noise), so the
+#: shares differ, spread over one doubling: the shards rebuild one at a time, each a 1/64-1/32
+#: part of the map.  Shard choice uses `hash()`, which differs between processes for str ids;
+#: nothing that reaches the state (snapshot, hash, replies) depends on it: the snapshot lists
+#: each map in the order its entries came (rows), never in shard order.
 _ID_SHARDS = 64
 #: A prime, written out where an id is looked up (``% 8179``).  Not a power of two: a dict
 #: places a key by its hash's low bits, so shards chosen by those same bits would hold keys
@@ -156,10 +158,20 @@ _ID_SHARD_OF = _id_shard_table(_ID_SHARDS, _ID_SLOTS)
 
 
 def _new_id_index() -> list[dict]:
-    """The transfer index: for each of the `_ID_SLOTS` slots, the shard (one dict of 64) it
-    maps to, so a lookup is ``index[hash(tid) % 8179][tid]``."""
+    """A sharded map: for each of the `_ID_SLOTS` slots, the shard (one dict of 64) it maps
+    to, so a lookup is ``index[hash(key) % 8179][key]`` (`_shard`)."""
     shards = [{} for _ in range(_ID_SHARDS)]
     return [shards[j] for j in _ID_SHARD_OF]
+
+
+def _shard(index: list, key) -> dict:
+    """`key`'s shard of a map made by `_new_id_index` (hot paths write this out)."""
+    return index[hash(key) % 8179]
+
+
+def _shards(index: list) -> list[dict]:
+    """The distinct shards of a map made by `_new_id_index`, in shard order."""
+    return list({id(d): d for d in index}.values())
 
 
 def _id_code(value: Any, missing: Code, invalid: Code) -> int:
@@ -268,8 +280,8 @@ class Ledger:
             raise ValueError("session_ttl_ms must be a positive integer")
         self.session_ttl_ms = session_ttl_ms
         self.last_ts = 0
-        # Accounts: dict id -> row, and one list per field.
-        self._acc: dict[Any, int] = {}
+        # Accounts: id -> row in a sharded map (`_new_id_index`), and one list per field.
+        self._acc: list[dict[Any, int]] = _new_id_index()
         self._a_id: list = []
         self._a_currency: list[int] = []
         self._a_flags: list[int] = []  # creation flags without LINKED; CLOSED may be added later
@@ -291,10 +303,15 @@ class Ledger:
         self._t_user_data = array("Q")
         self._t_pending = array("i")  # row of the pending transfer a post/void names, else -1
         self._t_timeout = array("I")
-        self._p_state: dict[int, int] = {}  # pending row -> state
+        self._p_state: list[dict[int, int]] = _new_id_index()  # pending row -> state
         self._expiry: list[tuple[int, int]] = []  # heap of (expires_at_ts, pending row)
-        # Remembered transient failures: id -> [code, ts, body tuple].
-        self._failed: dict[Any, list] = {}
+        # Remembered transient failures: (id, code, ts, body tuple) in the order they came, and
+        # id -> position in a sharded index.  The index holds ints and the rows are tuples of
+        # atoms, which the garbage collector stops tracking: a dict holding containers is
+        # tracked itself, and every full collection of a node's heap walked its millions of
+        # items (0.75 s at 5.7M failures).
+        self._f_rows: list[tuple] = []
+        self._failed: list[dict[Any, int]] = _new_id_index()
         # Sessions: id -> [last_active_ts, floor_seq, {seq: reply}].
         self._sessions: dict[int, list] = {}
         self._next_session_sweep = 0
@@ -410,9 +427,10 @@ class Ledger:
         self._next_session_sweep = now + max(ttl // 4, 1)
 
     def _expire_pending(self, now: int) -> None:
-        heap, state = self._expiry, self._p_state
+        heap, p_state = self._expiry, self._p_state
         while heap and heap[0][0] <= now:
             _, row = heapq.heappop(heap)
+            state = p_state[hash(row) % 8179]
             if state.get(row) == _PENDING:
                 state[row] = _EXPIRED
                 amount = self._t_amount[row]
@@ -564,12 +582,15 @@ class Ledger:
                         and credit_id.isascii())
                 or (debit_id == credit_id and type(debit_id) is type(credit_id))):
             return None
-        ids = self._tx[hash(tid) % 8179]
-        if tid in ids or tid in self._failed:
+        slot = hash(tid) % 8179
+        ids = self._tx[slot]
+        if tid in ids or tid in self._failed[slot]:
             return None
-        drow = self._acc.get(debit_id)
-        crow = self._acc.get(credit_id)
-        if drow is None or crow is None:
+        acc = self._acc
+        try:
+            drow = acc[hash(debit_id) % 8179][debit_id]
+            crow = acc[hash(credit_id) % 8179][credit_id]
+        except KeyError:  # the general path names the account that does not exist
             return None
         a_currency, a_flags = self._a_currency, self._a_flags
         if a_currency[drow] != currency or a_currency[crow] != currency \
@@ -629,7 +650,8 @@ class Ledger:
         if not 0 <= user_data <= MAX_U64:
             return Code.USER_DATA_INVALID
         flags &= ~LINKED
-        row = self._acc.get(aid)
+        accs = _shard(self._acc, aid)
+        row = accs.get(aid)
         if row is not None:
             # CLOSED is left out: closing an account later must not make a retry of its
             # creation look like a different body.
@@ -640,7 +662,7 @@ class Ledger:
             if self._a_user_data[row] != user_data:
                 return Code.EXISTS_WITH_DIFFERENT_USER_DATA
             return _EXISTS
-        self._acc[aid] = len(self._a_id)
+        accs[aid] = len(self._a_id)
         self._a_id.append(aid)
         self._a_currency.append(currency)
         self._a_flags.append(flags)
@@ -662,7 +684,8 @@ class Ledger:
         code = _id_code(ev.get("account_id"), Code.ACCOUNT_ID_MISSING, Code.ACCOUNT_ID_INVALID)
         if code:
             return code
-        row = self._acc.get(ev["account_id"])
+        aid = ev["account_id"]
+        row = _shard(self._acc, aid).get(aid)
         if row is None:
             return Code.ACCOUNT_NOT_FOUND
         if self._a_flags[row] & CLOSED:
@@ -777,15 +800,17 @@ class Ledger:
                     amount = self._t_amount[prow]
             return self._compare_transfer(row, flags, currency, user_data, debit_id, credit_id,
                                           amount, pending_id, timeout_ms)
-        failed = self._failed.get(tid)
+        failures = _shard(self._failed, tid)
+        failed = failures.get(tid)
         if failed is not None:
-            return self._compare_failed(failed[2], raw)
+            return self._compare_failed(self._f_rows[failed][3], raw)
 
         code = self._transfer_state_checks(
             kind, pending_id, debit_id, credit_id, amount, currency, ts)
         if type(code) is not tuple:
             if code in TRANSIENT and self._undo is None:
-                self._failed[tid] = [code, ts, raw]
+                failures[tid] = len(self._f_rows)
+                self._f_rows.append((tid, int(code), ts, raw))  # a Code would be tracked
             return code
         drow, crow, amount, prow = code
 
@@ -801,7 +826,7 @@ class Ledger:
         elif kind == PENDING:
             self._a_dpend[drow] += amount
             self._a_cpend[crow] += amount
-            self._p_state[row] = _PENDING
+            _shard(self._p_state, row)[row] = _PENDING
             if timeout_ms:
                 heapq.heappush(self._expiry, (ts + timeout_ms * MS, row))
             if undo is not None:
@@ -813,7 +838,7 @@ class Ledger:
             self._a_cpend[crow] -= reserved
             self._a_dpost[drow] += posted
             self._a_cpost[crow] += posted
-            self._p_state[prow] = _POSTED if kind == POST_PENDING else _VOIDED
+            _shard(self._p_state, prow)[prow] = _POSTED if kind == POST_PENDING else _VOIDED
             if undo is not None:
                 undo.append(("transfer", drow, crow, -reserved, posted, -reserved, posted))
                 undo.append(("resolve", prow))
@@ -834,11 +859,11 @@ class Ledger:
             if not self._t_flags[prow] & PENDING:
                 return Code.PENDING_TRANSFER_NOT_PENDING
             p_drow, p_crow = self._t_debit[prow], self._t_credit[prow]
-            drow = p_drow if debit_id is None else acc.get(debit_id)
-            crow = p_crow if credit_id is None else acc.get(credit_id)
+            drow = p_drow if debit_id is None else _shard(acc, debit_id).get(debit_id)
+            crow = p_crow if credit_id is None else _shard(acc, credit_id).get(credit_id)
         else:
-            drow = acc.get(debit_id)
-            crow = acc.get(credit_id)
+            drow = _shard(acc, debit_id).get(debit_id)
+            crow = _shard(acc, credit_id).get(credit_id)
         if drow is None:
             return Code.DEBIT_ACCOUNT_NOT_FOUND
         if crow is None:
@@ -862,7 +887,7 @@ class Ledger:
                 return Code.EXCEEDS_PENDING_TRANSFER_AMOUNT
             if kind == VOID_PENDING and amount != reserved:
                 return Code.PENDING_TRANSFER_HAS_DIFFERENT_AMOUNT
-            state = self._p_state[prow]
+            state = _shard(self._p_state, prow)[prow]
             if state == _POSTED:
                 return Code.PENDING_TRANSFER_ALREADY_POSTED
             if state == _VOIDED:
@@ -943,15 +968,17 @@ class Ledger:
                     col.pop()
                 self._a_hist[drow].pop()
                 self._a_hist[crow].pop()
-                if self._p_state.pop(row, None) is not None:
+                if _shard(self._p_state, row).pop(row, None) is not None:
                     entries = [e for e in self._expiry if e[1] != row]
                     if len(entries) != len(self._expiry):
                         heapq.heapify(entries)
                         self._expiry = entries
             elif kind == "resolve":
-                self._p_state[entry[1]] = _PENDING
+                prow = entry[1]
+                _shard(self._p_state, prow)[prow] = _PENDING
             elif kind == "account":
-                del self._acc[self._a_id.pop()]
+                aid = self._a_id.pop()
+                del _shard(self._acc, aid)[aid]
                 for col in (self._a_currency, self._a_flags, self._a_user_data, self._a_ts,
                             self._a_dpend, self._a_dpost, self._a_cpend, self._a_cpost,
                             self._a_hist):
@@ -967,7 +994,7 @@ class Ledger:
         """One dict per id (None where unknown): balances, flags, currency, user data, timestamp."""
         out = []
         for aid in ids:
-            row = self._acc.get(aid) if type(aid) in (int, str) else None
+            row = _shard(self._acc, aid).get(aid) if type(aid) in (int, str) else None
             out.append(None if row is None else self._account_dict(row))
         return out
 
@@ -996,11 +1023,11 @@ class Ledger:
             if row is not None:
                 out.append(self._transfer_dict(row))
                 continue
-            failed = self._failed.get(tid)
+            failed = _shard(self._failed, tid).get(tid)
             if failed is None:
                 out.append(None)
                 continue
-            code, ts, body = failed
+            _, code, ts, body = self._f_rows[failed]
             out.append({
                 "id": tid, "status": "failed", "code": code, "timestamp": ts,
                 "flags": body[0], "currency": body[1], "user_data": body[2],
@@ -1014,7 +1041,7 @@ class Ledger:
         prow = self._t_pending[row]
         drow = self._t_debit[row]
         if flags & PENDING:
-            state = self._p_state[row]
+            state = _shard(self._p_state, row)[row]
             timeout = self._t_timeout[row]
             if state == _PENDING and timeout and self._t_ts[row] + timeout * MS <= self.last_ts:
                 state = _EXPIRED  # due; released at the next command boundary
@@ -1043,7 +1070,8 @@ class Ledger:
 
         Returns (transfers, next_cursor); next_cursor is None at the end.  Unknown account:
         ([], None)."""
-        row = self._acc.get(account_id) if type(account_id) in (int, str) else None
+        row = (_shard(self._acc, account_id).get(account_id)
+               if type(account_id) in (int, str) else None)
         if row is None:
             return [], None
         hist = self._a_hist[row]
@@ -1075,6 +1103,11 @@ class Ledger:
     @property
     def account_count(self) -> int:
         return len(self._a_id)
+
+    @property
+    def failure_count(self) -> int:
+        """Transfer ids remembered as failed with a transient code (see the module's rules)."""
+        return len(self._f_rows)
 
     def totals(self) -> dict[int, tuple[int, int, int, int]]:
         """Per currency: (debits_pending, debits_posted, credits_pending, credits_posted).
@@ -1125,9 +1158,11 @@ class Ledger:
                          [_le_bytes(h) for h in self._a_hist]],
         }
         tail = {
-            "pending": [[r, s] for r, s in self._p_state.items()],
+            # In row order, the order they were added in (as one dict would list them),
+            # whatever shard each fell in.
+            "pending": sorted([r, s] for d in _shards(self._p_state) for r, s in d.items()),
             "expiry": [list(e) for e in self._expiry],
-            "failed": [[tid, f[0], f[1], list(f[2])] for tid, f in self._failed.items()],
+            "failed": [[tid, code, ts, list(body)] for tid, code, ts, body in self._f_rows],
             "sessions": [[sid, s[0], s[1], [[q, r] for q, r in s[2].items()]]
                          for sid, s in self._sessions.items()],
             "next_session_sweep": self._next_session_sweep,
@@ -1162,7 +1197,9 @@ class Ledger:
         (a_id, led._a_currency, led._a_flags, led._a_user_data, led._a_ts, led._a_dpend,
          led._a_dpost, led._a_cpend, led._a_cpost, hist) = doc["accounts"]
         led._a_id = a_id
-        led._acc = dict(zip(a_id, range(len(a_id))))
+        acc = led._acc
+        for row, aid in enumerate(a_id):
+            acc[hash(aid) % 8179][aid] = row
         led._a_hist = [_from_le("I", h) for h in hist]
         t_id, *cols = doc["transfers"]
         led._t_id = t_id
@@ -1171,9 +1208,14 @@ class Ledger:
         (led._t_debit, led._t_credit, led._t_amount, led._t_ts, led._t_flags, led._t_user_data,
          led._t_pending, led._t_timeout) = [
             _from_le(tc, b) for tc, b in zip("IIQQBQiI", cols)]
-        led._p_state = {r: s for r, s in doc["pending"]}
+        p_state = led._p_state
+        for r, s in doc["pending"]:
+            p_state[hash(r) % 8179][r] = s
         led._expiry = [tuple(e) for e in doc["expiry"]]
-        led._failed = {tid: [code, ts, tuple(body)] for tid, code, ts, body in doc["failed"]}
+        failed, rows = led._failed, led._f_rows
+        for tid, code, ts, body in doc["failed"]:
+            failed[hash(tid) % 8179][tid] = len(rows)
+            rows.append((tid, code, ts, tuple(body)))
         led._sessions = {sid: [last, floor, {q: r for q, r in replies}]
                          for sid, last, floor, replies in doc["sessions"]}
         led._next_session_sweep = doc["next_session_sweep"]
