@@ -45,7 +45,10 @@ section "ADAPTER OVER PYSYNCOBJ 0.3.17 INTERNALS" below, pinned name by name by
   lagging follower: upstream kept the leader's loop sending it for a whole heartbeat period per
   round, through 64 KB socket buffers; here a round adds a bounded amount, rounds keep coming
   while it lasts, the buffers are 4 MB, and the follower neither commits its own unverified
-  entries on a snapshot message nor starts an election after a long install.
+  entries on a snapshot message nor starts an election after a long install.  Replicas hold
+  the same log, so they all compacted at the same index, every writer at once; the k-th of n
+  now takes its first compaction at (1 + k/n) times the thresholds (`rp_stagger`), and they
+  stay apart.
 
 Threads.  Public methods are thread-safe and never block on Raft (except `start`, `stop`,
 `wait_ready` and `query`, which say so).  Callbacks run on the thread that ticks (the Raft thread,
@@ -926,6 +929,8 @@ class _RaftpaySerializer(Serializer):
     #: holds this many times logCompactionMinEntries (upstream keeps every entry in memory).
     RP_ENTRIES_CAP_FACTOR = 20
     rp_snapshot_bytes = 0  # size of the snapshot file in place (0: none)
+    #: (k, n): this node is the k-th of the cluster's n nodes by address (`rp_stagger`).
+    rp_rank = (0, 1)
 
     def __init__(self, so, conf: SyncObjConf, fsync: bool,
                  min_bytes: int = LOG_COMPACTION_BYTES):
@@ -946,6 +951,7 @@ class _RaftpaySerializer(Serializer):
         self.rp_out_end: dict = {}  # leader: node -> bytes sent of its snapshot so far
         self.rp_in_offset = 0  # follower: bytes of the incoming snapshot received in order
         self.rp_gaps = 0  # follower: incoming snapshots dropped for a gap (status, tests)
+        self.rp_placed = 0  # snapshots this node wrote and put in place since it started
 
     def serialize(self, data, id):
         """Upstream, on the ticking thread: `data` is (None, last applied entry, the entry
@@ -972,15 +978,34 @@ class _RaftpaySerializer(Serializer):
             log.exception("cannot start writing a snapshot; the journal keeps its entries")
             self.rp_retry_at = time.monotonic() + self.RP_RETRY_S
 
+    def rp_stagger(self) -> float:
+        """How far past the byte thresholds this node's first compaction waits: 1 + k/n for
+        the k-th of n nodes, then 1.
+
+        Every replica holds the same log, so with one threshold they all compacted at the same
+        index, at the same moment: three writers at once (on one machine, the nodes' CPU; on
+        any, the whole majority slowed together).  Upstream's `logCompactionSplit` gives each
+        node a window of its monotonic clock instead, which is not shared between machines.
+        Here the first compaction after a start is spread over a third of the threshold per
+        node (of 3), and each later one comes a threshold of log after the node's previous:
+        the replicas keep that spacing while the log's rate and the snapshot's size are the
+        same for all of them."""
+        k, n = self.rp_rank
+        return 1.0 if self.rp_placed else 1.0 + k / n
+
     def rp_log_outgrew_snapshot(self) -> bool:
-        """The log's entries take as many bytes as the snapshot in place (or there is none)."""
-        return self.rp_so._SyncObj__raftLog.rp_live_bytes >= self.rp_snapshot_bytes
+        """The log's entries take as many bytes as the snapshot in place (or there is none;
+        times `rp_stagger`)."""
+        return (self.rp_so._SyncObj__raftLog.rp_live_bytes
+                >= self.rp_snapshot_bytes * self.rp_stagger())
 
     def rp_compact_due(self) -> bool:
         """Upstream counts entries only; by bytes, a compaction is due once the log's entries
-        take `rp_min_bytes` and have outgrown the snapshot, and none is being written."""
+        take `rp_min_bytes` (times `rp_stagger`) and have outgrown the snapshot, and none is
+        being written."""
         return (self.rp_job is None and self.rp_log_outgrew_snapshot()
-                and self.rp_so._SyncObj__raftLog.rp_live_bytes >= self.rp_min_bytes)
+                and self.rp_so._SyncObj__raftLog.rp_live_bytes
+                >= self.rp_min_bytes * self.rp_stagger())
 
     def checkSerializing(self):
         job = self.rp_job
@@ -1006,6 +1031,7 @@ class _RaftpaySerializer(Serializer):
                 size = os.path.getsize(job.path)
                 os.replace(job.path, self._Serializer__fileName)
                 self.rp_snapshot_bytes = size
+                self.rp_placed += 1
                 log.info("snapshot in place, the log compacts to index %d: %.1f MB written in "
                          "%.2f s%s", ident, size / 2 ** 20, time.monotonic() - job.started,
                          "" if job.cost is None else " (writer: %.2f s user, %.2f s system "
@@ -1179,6 +1205,8 @@ class _RaftpaySyncObj(SyncObj):
         self._SyncObj__raftLog = _RaftpayJournal(journal_path, fsync)
         # Likewise the snapshot handling; nothing has been serialized or transmitted yet.
         self._SyncObj__serializer = _RaftpaySerializer(self, conf, fsync, compaction_bytes)
+        everyone = sorted([self_addr, *other_addrs])
+        self._SyncObj__serializer.rp_rank = (everyone.index(self_addr), len(everyone))
 
     # Upstream assigns `self._poller = createPoller(conf.pollerType)` in its __init__ and hands
     # it to the transport; a loop poller given to us takes its place before anything subscribes.

@@ -127,6 +127,13 @@ def rp_pair(tmp_path):
         so.rp_destroy()
 
 
+def test_each_node_knows_its_rank_among_the_sorted_addresses(rp_pair):
+    # The rank spaces the replicas' first compactions (`_RaftpaySerializer.rp_stagger`).
+    ranks = {so._SyncObj__selfNode.id: so._SyncObj__serializer.rp_rank for so in rp_pair}
+    assert len(ranks) == 2
+    assert ranks == {addr: (k, 2) for k, addr in enumerate(sorted(ranks))}
+
+
 def _leader_follower(pair):
     tick_until(pair, lambda: any(o._isLeader() for o in pair)
                and all(o._getLeader() is not None for o in pair), what="a leader")

@@ -576,6 +576,40 @@ def test_a_compaction_waits_for_as_many_log_bytes_as_the_snapshot_it_replaces(tm
     ser.rp_destroy()
 
 
+def test_the_kth_replica_waits_longer_for_its_first_compaction_only(tmp_path):
+    # Every replica holds the same log: with one threshold all of them compacted at the same
+    # index, three writers at once.  The k-th of n starts its first at (1 + k/n) times the
+    # thresholds, then each a threshold after its previous, keeping the spacing.
+    new_path = str(tmp_path / (rn.SNAPSHOT_WRITING_PREFIX + "1"))
+
+    def begin(last, prev):
+        with open(new_path, "wb") as fh:
+            fh.write(b"S" * 6000)
+        return rn._SnapshotJob.done(new_path)
+    ser = _serializer(tmp_path, begin)
+    ser.rp_min_bytes = 3000
+
+    def due_from(rank):
+        ser.rp_rank = rank
+        for size in range(0, 20_000, 100):
+            ser.rp_so.rp_live_bytes = size
+            if ser.rp_compact_due():
+                return size
+    assert [due_from((k, 3)) for k in range(3)] == [3000, 4000, 5000]
+    assert due_from((0, 1)) == 3000 and due_from((1, 2)) == 4500
+    # Upstream's own triggers (entries, time) pass the snapshot-size threshold, likewise.
+    ser.rp_rank, ser.rp_snapshot_bytes = (2, 3), 3000
+    ser.rp_so.rp_live_bytes = 4999
+    ser.serialize(DATA, 9)
+    assert ser.rp_job is None
+    ser.rp_so.rp_live_bytes = 5000
+    ser.serialize(DATA, 9)
+    assert ser.checkSerializing() == (SERIALIZER_STATE.SUCCESS, 9)
+    # After its first, a threshold of log after the previous: the snapshot's 6000 bytes here.
+    assert due_from((2, 3)) == 6000
+    ser.rp_destroy()
+
+
 def test_a_failed_writer_keeps_the_journal_and_backs_off(tmp_path):
     path = str(tmp_path / (rn.SNAPSHOT_WRITING_PREFIX + "1"))
     calls = []
