@@ -2318,6 +2318,8 @@ class Node:
         return True
 
     def _finish_reads(self, so: _RaftpaySyncObj, now: float) -> None:
+        if not (self._reads_unassigned or self._reads_quorum or self._reads_apply):
+            return  # every tick: three list comprehensions of nothing were 3% of a busy leader
         if self._reads_quorum:
             confirmed = so.rp_quorum_round()
             self._reads_apply.extend(w for w in self._reads_quorum if w.round <= confirmed)
