@@ -169,6 +169,14 @@ def _shard(index: list, key) -> dict:
     return index[hash(key) % 8179]
 
 
+def _index_of(keys: Iterable) -> list[dict]:
+    """A sharded map (`_new_id_index`) of each key to its position in `keys`."""
+    index = _new_id_index()
+    for pos, key in enumerate(keys):
+        index[hash(key) % 8179][key] = pos
+    return index
+
+
 def _shards(index: list) -> list[dict]:
     """The distinct shards of a map made by `_new_id_index`, in shard order."""
     return list({id(d): d for d in index}.values())
@@ -292,7 +300,7 @@ class Ledger:
         self._a_cpend: list[int] = []
         self._a_cpost: list[int] = []
         self._a_hist: list[array] = []  # rows of the transfers touching the account, in order
-        # Transfers: id -> row in `_ID_SHARDS` dicts (`_ids_of`), and one compact array per field.
+        # Transfers: id -> row in a sharded map (`_new_id_index`), and one compact array per field.
         self._tx: list[dict[Any, int]] = _new_id_index()
         self._t_id: list = []
         self._t_debit = array("I")  # account rows
@@ -490,15 +498,11 @@ class Ledger:
         self.last_ts = max(self.last_ts, now + n - 1)
         return results
 
-    def _ids_of(self, tid) -> dict:
-        """The shard of the transfer index that holds `tid` if anything does."""
-        return self._tx[hash(tid) % 8179]
-
     def _store_transfer(self, tid, drow: int, crow: int, amount: int, ts: int, flags: int,
                         user_data: int, prow: int, timeout_ms: int, ids: dict) -> int:
         """Append one transfer to every column and to both accounts' histories; returns its
         row.  The one place that knows the column layout (rollback pops the same columns).
-        `ids`: `tid`'s shard of the index (`_ids_of`), which every caller has looked in."""
+        `ids`: `tid`'s shard of the index (`_shard`), which every caller has looked in."""
         row = len(self._t_id)
         ids[tid] = row
         self._t_id.append(tid)
@@ -787,7 +791,7 @@ class Ledger:
 
         # Idempotency.  An applied post/void is compared with the gaps it left filled in from
         # its pending transfer (which never goes away); a remembered failure with the raw body.
-        ids = self._ids_of(tid)
+        ids = _shard(self._tx, tid)
         row = ids.get(tid)
         if row is not None:
             if resolving:
@@ -853,7 +857,7 @@ class Ledger:
         prow = -1
         resolving = kind == POST_PENDING or kind == VOID_PENDING
         if resolving:
-            prow = self._ids_of(pending_id).get(pending_id, -1)
+            prow = _shard(self._tx, pending_id).get(pending_id, -1)
             if prow < 0:
                 return Code.PENDING_TRANSFER_NOT_FOUND
             if not self._t_flags[prow] & PENDING:
@@ -962,7 +966,7 @@ class Ledger:
                 self._a_cpost[crow] -= cpost
                 row = len(self._t_id) - 1
                 tid = self._t_id.pop()
-                del self._ids_of(tid)[tid]
+                del _shard(self._tx, tid)[tid]
                 for col in (self._t_debit, self._t_credit, self._t_amount, self._t_ts,
                             self._t_flags, self._t_user_data, self._t_pending, self._t_timeout):
                     col.pop()
@@ -1019,7 +1023,7 @@ class Ledger:
             if type(tid) not in (int, str):
                 out.append(None)
                 continue
-            row = self._ids_of(tid).get(tid)
+            row = _shard(self._tx, tid).get(tid)
             if row is not None:
                 out.append(self._transfer_dict(row))
                 continue
@@ -1197,14 +1201,11 @@ class Ledger:
         (a_id, led._a_currency, led._a_flags, led._a_user_data, led._a_ts, led._a_dpend,
          led._a_dpost, led._a_cpend, led._a_cpost, hist) = doc["accounts"]
         led._a_id = a_id
-        acc = led._acc
-        for row, aid in enumerate(a_id):
-            acc[hash(aid) % 8179][aid] = row
+        led._acc = _index_of(a_id)
         led._a_hist = [_from_le("I", h) for h in hist]
         t_id, *cols = doc["transfers"]
         led._t_id = t_id
-        for row, tid in enumerate(t_id):
-            led._tx[hash(tid) % 8179][tid] = row
+        led._tx = _index_of(t_id)
         (led._t_debit, led._t_credit, led._t_amount, led._t_ts, led._t_flags, led._t_user_data,
          led._t_pending, led._t_timeout) = [
             _from_le(tc, b) for tc, b in zip("IIQQBQiI", cols)]
@@ -1212,10 +1213,8 @@ class Ledger:
         for r, s in doc["pending"]:
             p_state[hash(r) % 8179][r] = s
         led._expiry = [tuple(e) for e in doc["expiry"]]
-        failed, rows = led._failed, led._f_rows
-        for tid, code, ts, body in doc["failed"]:
-            failed[hash(tid) % 8179][tid] = len(rows)
-            rows.append((tid, code, ts, tuple(body)))
+        led._f_rows = [(tid, code, ts, tuple(body)) for tid, code, ts, body in doc["failed"]]
+        led._failed = _index_of(row[0] for row in led._f_rows)
         led._sessions = {sid: [last, floor, {q: r for q, r in replies}]
                          for sid, last, floor, replies in doc["sessions"]}
         led._next_session_sweep = doc["next_session_sweep"]
