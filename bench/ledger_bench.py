@@ -71,19 +71,19 @@ def new_ledger(kind: str) -> Ledger:
     return led
 
 
+def _batched(start: int, count: int, batch: int, event) -> list[dict]:
+    """Events event(start)..event(start+count-1) as submit commands of `batch` events."""
+    end = start + count
+    return [{"type": "submit", "events": [event(i) for i in range(b, min(b + batch, end))]}
+            for b in range(start, end, batch)]
+
+
 def build_commands(start: int, count: int, batch: int, kind: str) -> list[dict]:
     """`count` transfers (ids start..start+count-1) as submit commands of `batch` events."""
     acc = [account_id(i, kind) for i in range(ACCOUNTS)]
-    cmds = []
-    for b in range(start, start + count, batch):
-        events = []
-        for i in range(b, min(b + batch, start + count)):
-            events.append({"op": "create_transfer", "id": transfer_id(i, kind),
-                           "debit_account_id": acc[i % ACCOUNTS],
-                           "credit_account_id": acc[(i * 7 + 1) % ACCOUNTS],
-                           "amount": 1 + i % 1000, "currency": 1})
-        cmds.append({"type": "submit", "events": events})
-    return cmds
+    return _batched(start, count, batch, lambda i: {
+        "op": "create_transfer", "id": transfer_id(i, kind), "debit_account_id": acc[i % ACCOUNTS],
+        "credit_account_id": acc[(i * 7 + 1) % ACCOUNTS], "amount": 1 + i % 1000, "currency": 1})
 
 
 def apply_all(led: Ledger, cmds: list[dict], ts0: int) -> None:
@@ -195,24 +195,17 @@ def growth_commands(what: str, start: int, count: int, batch: int, kind: str) ->
     `batch` events: plain transfers; new accounts; transfers from an account that does not
     exist (a transient failure, which the ledger remembers by id); pending transfers with no
     timeout (each stays pending)."""
-    if what == "transfers":
-        return build_commands(start, count, batch, kind)
-    missing = account_id(ACCOUNTS, kind)  # accounts are 0..ACCOUNTS-1
-    cmds = []
-    for b in range(start, start + count, batch):
-        events = []
-        for i in range(b, min(b + batch, start + count)):
-            if what == "accounts":
-                events.append({"op": "create_account", "id": account_id(ACCOUNTS + 1 + i, kind),
-                               "currency": 1})
-            else:
-                events.append({"op": "create_transfer", "id": transfer_id(i, kind),
-                               "debit_account_id": missing if what == "failures"
-                               else account_id(i % ACCOUNTS, kind),
-                               "credit_account_id": account_id((i * 7 + 1) % ACCOUNTS, kind),
-                               "amount": 1 + i % 1000, "currency": 1,
-                               "flags": PENDING if what == "pending" else 0})
-        cmds.append({"type": "submit", "events": events})
+    if what == "accounts":
+        return _batched(start, count, batch, lambda i: {
+            "op": "create_account", "id": account_id(ACCOUNTS + 1 + i, kind), "currency": 1})
+    cmds = build_commands(start, count, batch, kind)
+    if what != "transfers":
+        missing = account_id(ACCOUNTS, kind)  # accounts are 0..ACCOUNTS-1
+        for cmd in cmds:
+            for ev in cmd["events"]:
+                if what == "failures":
+                    ev["debit_account_id"] = missing
+                ev["flags"] = PENDING if what == "pending" else 0
     return cmds
 
 
