@@ -6,8 +6,8 @@ replica applies committed entries in log order as ``ledger.apply_entry(commands,
 ledger lock, and the proposing leader's callback fires after that apply, never before.  This is
 the only module that imports PySyncObj, and every reach into its internals lives in the fenced
 section "ADAPTER OVER PYSYNCOBJ 0.3.17 INTERNALS" below, pinned name by name by
-`tests/test_raft_adapter.py`.  The adapter exists for six reasons, each a gap in PySyncObj 0.3.17
-(see /work/shared/ENGINE_NOTES.md):
+`tests/test_raft_adapter.py`.  The adapter exists for seven reasons, each a gap in PySyncObj
+0.3.17 (see /work/shared/ENGINE_NOTES.md):
 
 * Latency: upstream sends appendEntries once per period (~125 ms a command).  Here the node drives
   PySyncObj's tick itself; proposals are queued, and every tick appends *all* queued proposals
@@ -26,6 +26,9 @@ section "ADAPTER OVER PYSYNCOBJ 0.3.17 INTERNALS" below, pinned name by name by
   round before a follower acknowledges it and before the leader counts itself (a follower that
   finds several rounds in one read handles them all, syncs once, then acknowledges each); term/vote
   and snapshots are written temp-fsync-rename-fsync(dir).
+* Availability: upstream raises its term at every election timeout, heard or not, so a node back
+  from a partition deposes a healthy leader.  The adapter runs a pre-vote round first (Raft
+  thesis §9.6): no new term without a majority that has no leader and no newer log.
 * Reads: upstream has no ReadIndex.  The adapter numbers appendEntries rounds, followers echo the
   number, and a read completes once a majority acknowledged a round that started after the read.
 * Safety of the log format: our entries are raw msgpack bytes behind a type byte of our own, so
@@ -288,6 +291,9 @@ ENTRY_LEDGER = b"R"
 
 #: Our own message between nodes: keeps idle follower<->follower links alive (`rp_ping_peers`).
 _MSG_PING = "rp_ping"
+#: Our own messages between nodes: the pre-vote round before an election (`_rp_start_pre_vote`).
+_MSG_PRE_VOTE = "rp_pre_vote"
+_MSG_PRE_VOTE_RESPONSE = "rp_pre_vote_response"
 
 #: PySyncObj FAIL_REASON -> our code.  Only SUCCESS and DISCARDED reach a callback in our design
 #: (we never use upstream's queue or forwarding); the rest are mapped for completeness.
@@ -1198,6 +1204,13 @@ class _RaftpaySyncObj(SyncObj):
         self._rp_commit_sent = 0  # commit index carried by the last round
         self._rp_acked: dict = {}  # node -> highest round it acknowledged in our term
         self._rp_in_seq = None  # round number of the appendEntries being handled now
+        # Pre-vote (see `_SyncObj__raftElectionDeadline`): our election timer, whether a real
+        # election may start now, the pre-vote round in progress as (term, {granting nodes}),
+        # and when an appendEntries of a current leader last arrived.
+        self._rp_election_at = 0.0
+        self._rp_elect_now = False
+        self._rp_pre_vote: tuple | None = None
+        self._rp_leader_seen = float("-inf")
         super().__init__(self_addr, other_addrs, conf=conf, transportClass=_RaftpayTransport)
         # Upstream opened a plain FileJournal in its __init__; nothing has ticked yet, so swap in
         # the durable subclass on the same file (it reads back what upstream just wrote).
@@ -1224,6 +1237,92 @@ class _RaftpaySyncObj(SyncObj):
         # What upstream's transport hands every connection as `conn.encryptor`.
         return self._rp_sealer
 
+    # --- pre-vote (Raft thesis §9.6) --------------------------------------------------------
+    #
+    # Upstream starts an election, with a new term, as soon as its election timer runs out.  A
+    # node cut off from the leader for a while therefore comes back with a term far ahead; its
+    # first vote request makes the leader step down, and the cluster is without a leader for an
+    # election (measured: an isolated follower at term 10 after 3.6 s; on healing, the leader of
+    # term 1 deposed and 2.6 s without a leader).  Here a node whose timer runs out first asks
+    # the others whether they would vote for it at the next term, without changing anyone's term
+    # or vote; a node says yes only if the asker's log is at least as up to date as its own and
+    # it has not heard from a leader for a minimum election timeout itself.  Only with a
+    # majority of yeses does the real election start.  A node on the wrong side of a partition
+    # keeps its term, and rejoins as a follower.  A leadership transfer (timeout_now) skips it.
+    #
+    # Upstream reads its election timer in one place only, the check in `_onTick` that starts an
+    # election (pinned by the adapter's tests); it writes it whenever it restarts the timer.
+    # Each write lands in `_rp_election_at` and withdraws the permission to elect, and the
+    # check sees the timer only once a pre-vote was won (or a transfer asked for it), so
+    # upstream cannot start an election on its own, whatever the timing.
+
+    @property
+    def _SyncObj__raftElectionDeadline(self):
+        return self._rp_election_at if self._rp_elect_now else float("inf")
+
+    @_SyncObj__raftElectionDeadline.setter
+    def _SyncObj__raftElectionDeadline(self, at):
+        self._rp_election_at = at
+        self._rp_elect_now = False
+
+    def _rp_maybe_pre_vote(self) -> None:
+        """Before upstream's tick: start a pre-vote round if the election timer ran out."""
+        if (self._rp_elect_now or self._SyncObj__selfNode is None
+                or self._SyncObj__raftState == _RAFT_STATE.LEADER):
+            return
+        now = _pso_monotonic()
+        if self._rp_election_at >= now or not self._SyncObj__connectedToAnyone():
+            return
+        # Another round after another randomized timeout if this one does not win.
+        self._rp_election_at = now + self._SyncObj__generateRaftTimeout()
+        if self._SyncObj__raftLeader is not None:  # as upstream does when its timer runs out
+            self._SyncObj__raftLeader = None
+            self._SyncObj__onLeaderChanged()
+        term = self._SyncObj__raftCurrentTerm + 1
+        self._rp_pre_vote = (term, {self._SyncObj__selfNode})
+        message = {"type": _MSG_PRE_VOTE, "term": term,
+                   "last_log_index": self._SyncObj__getCurrentLogIndex(),
+                   "last_log_term": self._SyncObj__getCurrentLogTerm()}
+        for node in self._SyncObj__otherNodes:
+            self._SyncObj__transport.send(node, message)
+        self._rp_count_pre_votes()
+
+    def _rp_count_pre_votes(self) -> None:
+        term, granted = self._rp_pre_vote
+        if len(granted) > (len(self._SyncObj__otherNodes) + 1) / 2:
+            self._rp_pre_vote = None
+            self._rp_election_at, self._rp_elect_now = 0.0, True  # upstream elects this tick
+
+    def _rp_on_pre_vote(self, node, message) -> None:
+        """Would we vote for `node` at `message["term"]`?  Changes nothing here; the answer
+        carries our term, so an asker behind in terms learns it (as etcd does: otherwise a node
+        with the most up-to-date log and an old term could never be elected)."""
+        mine = (self._SyncObj__getCurrentLogTerm(), self._SyncObj__getCurrentLogIndex())
+        grant = (message["term"] > self._SyncObj__raftCurrentTerm
+                 and self._SyncObj__raftState != _RAFT_STATE.LEADER
+                 and (_pso_monotonic() - self._rp_leader_seen
+                      >= self._SyncObj__conf.raftMinTimeout)
+                 and (message["last_log_term"], message["last_log_index"]) >= mine)
+        self._SyncObj__transport.send(node, {
+            "type": _MSG_PRE_VOTE_RESPONSE, "term": message["term"], "granted": grant,
+            "current_term": self._SyncObj__raftCurrentTerm})
+
+    def _rp_on_pre_vote_response(self, node, message) -> None:
+        if self._SyncObj__raftState == _RAFT_STATE.LEADER:
+            return
+        if message["current_term"] > self._SyncObj__raftCurrentTerm:
+            # Raft's rule for any answer from a later term: take it, as a follower.
+            self._SyncObj__setCurrentTerm(message["current_term"], None)
+            self._SyncObj__setState(_RAFT_STATE.FOLLOWER)
+            self._rp_pre_vote = None
+            return
+        pre_vote = self._rp_pre_vote
+        if (pre_vote is None or not message["granted"] or message["term"] != pre_vote[0]
+                or pre_vote[0] != self._SyncObj__raftCurrentTerm + 1):
+            return
+        pre_vote[1].add(node)
+        self._rp_count_pre_votes()
+
     # --- driving ----------------------------------------------------------------------------
 
     def rp_tick(self, wait_s: float) -> None:
@@ -1234,6 +1333,7 @@ class _RaftpaySyncObj(SyncObj):
         self._SyncObj__transport.rp_flush_acks()  # a pass cut short by an exception
         self._rp_journal_sync()
         self._SyncObj__raftLog.rp_finish_rewrite()
+        self._rp_maybe_pre_vote()
         self._onTick(wait_s)
 
     def rp_subscribe_fd(self, fd: int, on_readable: Callable[[], None]) -> None:
@@ -1389,8 +1489,16 @@ class _RaftpaySyncObj(SyncObj):
                 self._rp_in_seq = None
         elif kind == "next_node_idx":
             self._rp_on_next_node_idx(node, message)
-        elif kind in ("request_vote", "response_vote", "timeout_now"):
+        elif kind in ("request_vote", "response_vote"):
             SyncObj._SyncObj__onMessageReceived(self, node, message)
+        elif kind == "timeout_now":
+            SyncObj._SyncObj__onMessageReceived(self, node, message)
+            if self._rp_election_at == 0:  # upstream accepted it: the leader asks us to elect
+                self._rp_elect_now = True  # now, without a pre-vote its followers would refuse
+        elif kind == _MSG_PRE_VOTE:
+            self._rp_on_pre_vote(node, message)
+        elif kind == _MSG_PRE_VOTE_RESPONSE:
+            self._rp_on_pre_vote_response(node, message)
         elif kind == _MSG_PING:
             pass
         else:
@@ -1404,6 +1512,7 @@ class _RaftpaySyncObj(SyncObj):
         term = message["term"]
         if term < self._SyncObj__raftCurrentTerm:
             return  # a stale leader; upstream also ignores it without an answer
+        self._rp_leader_seen = _pso_monotonic()  # a current leader: no pre-vote for others
         if "prevLogIdx" not in message:
             self._rp_on_snapshot_chunk(node, message)
             return

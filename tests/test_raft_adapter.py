@@ -166,6 +166,9 @@ SYNCOBJ_METHODS = [
     "_SyncObj__tryLogCompaction", "_SyncObj__loadDumpFile", "_SyncObj__deleteEntriesTo",
     # The election timer restarted after an install (`_rp_on_snapshot_chunk`).
     "_SyncObj__generateRaftTimeout",
+    # Pre-vote (`_rp_maybe_pre_vote` and its messages); behaviour pinned below.
+    "_SyncObj__connectedToAnyone", "_SyncObj__getCurrentLogIndex", "_SyncObj__getCurrentLogTerm",
+    "_SyncObj__setCurrentTerm", "_SyncObj__setState", "_SyncObj__onLeaderChanged",
 ]
 # Instance attributes the adapter reads or writes.
 SYNCOBJ_ATTRS = [
@@ -175,7 +178,7 @@ SYNCOBJ_ATTRS = [
     "_SyncObj__commandsWaitingCommit", "_SyncObj__leaderCommitIndex",
     "_SyncObj__recvTransmission", "_SyncObj__otherNodes", "_SyncObj__transport",
     "_SyncObj__serializer", "_poller", "_SyncObj__transferInProgress",
-    "_SyncObj__raftElectionDeadline",
+    "_SyncObj__raftElectionDeadline", "_SyncObj__selfNode", "_SyncObj__conf",
 ]
 # Set only by the test of partly sent entries (to switch heartbeats and elections off).
 SYNCOBJ_TEST_ATTRS = ["_SyncObj__conf", "_SyncObj__raftElectionDeadline",
@@ -837,3 +840,143 @@ def test_a_follower_receiving_a_snapshot_keeps_the_leaders_link_alive(rp_pair, t
         transport.send = orig
         ser._Serializer__incomingTransmissionFile.close()
         ser._Serializer__incomingTransmissionFile = None
+
+
+# --- pre-vote: a cut-off node does not come back with a term that deposes the leader ----------
+
+
+def test_upstream_reads_its_election_timer_only_where_it_starts_an_election():
+    """The adapter hides the timer from upstream (`_SyncObj__raftElectionDeadline`) until a
+    pre-vote is won; that holds only while upstream reads it in that one check.  And only a
+    leader's timeout_now sets it to 0 (how the adapter tells a transfer from a timer)."""
+    import inspect
+    import re
+    src = inspect.getsource(SyncObj)
+    uses = re.findall(r"self\.__raftElectionDeadline\s*(=(?!=)|<|[^\s=<])(.*)", src)
+    reads = [u for u in uses if u[0] != "="]
+    assert reads == [("<", " monotonicTime() and self.__connectedToAnyone():")]
+    zero = [u for u in uses if u[0] == "=" and u[1].strip() == "0"]
+    assert len(zero) == 1
+    on_tick = inspect.getsource(SyncObj._onTick)
+    check = on_tick.index("self.__raftElectionDeadline < monotonicTime()")
+    assert on_tick.index("self.__setCurrentTerm(self.__raftCurrentTerm + 1") > check
+    on_message = inspect.getsource(SyncObj._SyncObj__onMessageReceived)
+    timeout_now = on_message.index("'timeout_now'")
+    assert on_message.index("self.__raftElectionDeadline = 0", timeout_now) < on_message.index(
+        "'request_vote'")
+
+
+def _cut(o):
+    """`o` neither sends nor receives anything (its links stay up: a partition, not a crash)."""
+    t = o._SyncObj__transport
+    t.send = lambda node, message: False
+    t.setOnMessageReceivedCallback(lambda node, message: None)
+
+
+def _heal(o):
+    t = o._SyncObj__transport
+    del t.send
+    t.setOnMessageReceivedCallback(o._SyncObj__onMessageReceived)
+
+
+def _timeouts(o, n):
+    return n * o._SyncObj__conf.raftMaxTimeout
+
+
+def test_upstream_cut_off_node_raises_its_term_at_every_timeout(bare_pair):
+    leader, follower = _leader_follower(bare_pair)
+    term = leader.raftCurrentTerm
+    _cut(follower)
+    tick_until(bare_pair, lambda: follower.raftCurrentTerm >= term + 3,
+               timeout_s=_timeouts(follower, 6), what="three elections of the cut-off node")
+
+
+def test_adapter_cut_off_node_keeps_its_term(rp_pair):
+    """(In a pair the leader loses its majority too and steps down; three nodes, where the
+    leader stays, are tests/test_partitions.py's, with real processes and partitions.)"""
+    leader, follower = _leader_follower(rp_pair)
+    term = leader.raftCurrentTerm
+    sent = []
+    _cut(follower)
+    follower._SyncObj__transport.send = lambda node, message: sent.append(message) and False
+    deadline = time.monotonic() + _timeouts(follower, 4)
+    while time.monotonic() < deadline:
+        for o in rp_pair:
+            o.rp_tick(0.002)
+        assert follower.raftCurrentTerm == term and follower.rp_role() == "follower"
+    pre_votes = [m for m in sent if m["type"] == rn._MSG_PRE_VOTE]
+    assert len(pre_votes) >= 2 and all(m["term"] == term + 1 for m in pre_votes)
+    assert not [m for m in sent if m["type"] == "request_vote"]
+    assert follower.rp_leader_addr() is None  # as upstream: its timer ran out, it knows none
+    _heal(follower)
+    tick_until(rp_pair, lambda: any(o.rp_is_leader() for o in rp_pair)
+               and all(o.rp_leader_addr() for o in rp_pair), what="a leader after the cut")
+    assert leader.raftCurrentTerm == follower.raftCurrentTerm == term + 1  # one election
+
+
+def _answers(o):
+    out = []
+    o._SyncObj__transport.send = lambda node, message: out.append(message) or True
+    return out
+
+
+def _ask(o, term, last_index=None, last_term=None):
+    out = _answers(o)
+    o._SyncObj__onMessageReceived(_the_other(o), {
+        "type": rn._MSG_PRE_VOTE, "term": term,
+        "last_log_index": o.rp_last_index() if last_index is None else last_index,
+        "last_log_term": o._SyncObj__getCurrentLogTerm() if last_term is None else last_term})
+    del o._SyncObj__transport.send
+    (answer,) = out
+    assert answer["type"] == rn._MSG_PRE_VOTE_RESPONSE and answer["term"] == term
+    assert answer["current_term"] == o.raftCurrentTerm
+    return answer["granted"]
+
+
+def test_pre_vote_is_granted_only_without_a_leader_and_to_an_up_to_date_log(rp_pair):
+    leader, follower = _leader_follower(rp_pair)
+    term, last = follower.raftCurrentTerm, follower.rp_last_index()
+    assert not _ask(leader, term + 1)  # a leader never grants one
+    assert not _ask(follower, term + 1)  # it heard from the leader just now
+    follower._rp_leader_seen -= follower._SyncObj__conf.raftMinTimeout  # ... a timeout ago
+    assert _ask(follower, term + 1)
+    assert _ask(follower, term + 1, last_index=last + 5)
+    assert not _ask(follower, term + 1, last_index=last - 1)  # a shorter log
+    assert not _ask(follower, term + 1, last_index=last + 5, last_term=term - 1)  # older last
+    assert not _ask(follower, term)  # the asker is behind in terms: it learns ours instead
+    # None of it changed the follower's term, vote or timer.
+    assert follower.raftCurrentTerm == term and follower.rp_role() == "follower"
+    assert follower._SyncObj__raftElectionDeadline == float("inf")
+
+
+def test_an_answer_from_a_later_term_is_taken_and_a_stale_grant_is_not_counted(rp_pair):
+    leader, follower = _leader_follower(rp_pair)
+    term = follower.raftCurrentTerm
+    follower._rp_pre_vote = (term + 1, {follower._SyncObj__selfNode})
+    node = _the_other(follower)
+    follower._SyncObj__onMessageReceived(node, {
+        "type": rn._MSG_PRE_VOTE_RESPONSE, "term": term, "granted": True, "current_term": term})
+    assert not follower._rp_elect_now  # a grant for another round counts for nothing
+    follower._SyncObj__onMessageReceived(node, {
+        "type": rn._MSG_PRE_VOTE_RESPONSE, "term": term + 1, "granted": True,
+        "current_term": term})
+    assert follower._rp_elect_now and follower._rp_pre_vote is None  # 2 of 2: elect now
+    follower._SyncObj__onMessageReceived(node, {
+        "type": rn._MSG_PRE_VOTE_RESPONSE, "term": term + 1, "granted": False,
+        "current_term": term + 4})
+    assert follower.raftCurrentTerm == term + 4 and follower.rp_role() == "follower"
+
+
+def test_a_leadership_transfer_elects_without_a_pre_vote(rp_pair):
+    """timeout_now starts the real election at once: the old leader, which would refuse a
+    pre-vote, votes in the new term."""
+    leader, follower = _leader_follower(rp_pair)
+    term = leader.raftCurrentTerm
+    tick_until(rp_pair, lambda: leader._SyncObj__raftMatchIndex.get(_the_other(leader))
+               == leader.rp_last_index() or (leader.rp_send_round() and False),
+               what="the follower in sync")
+    leader.transferLeadership(_the_other(leader))
+    t0 = time.monotonic()
+    tick_until(rp_pair, follower.rp_is_leader, what="the follower to take over")
+    assert follower.raftCurrentTerm == term + 1 and not leader.rp_is_leader()
+    assert time.monotonic() - t0 < follower._SyncObj__conf.raftMinTimeout

@@ -887,7 +887,7 @@ def test_a_slow_install_does_not_start_an_election(tmp_path, monkeypatch):
         before = len(installs)
         orig_on_message(self, node, message)
         if len(installs) > before:
-            left.append(self._SyncObj__raftElectionDeadline - rn._pso_monotonic())
+            left.append(self._rp_election_at - rn._pso_monotonic())
     monkeypatch.setattr(rn._RaftpaySyncObj, "_SyncObj__onMessageReceived", on_message)
     c = Cluster(str(tmp_path), log_compaction_min_entries=COMPACT)
     try:
