@@ -291,7 +291,7 @@ ENTRY_LEDGER = b"R"
 
 #: Our own message between nodes: keeps idle follower<->follower links alive (`rp_ping_peers`).
 _MSG_PING = "rp_ping"
-#: Our own messages between nodes: the pre-vote round before an election (`_rp_start_pre_vote`).
+#: Our own messages between nodes: the pre-vote round before an election (`_rp_maybe_pre_vote`).
 _MSG_PRE_VOTE = "rp_pre_vote"
 _MSG_PRE_VOTE_RESPONSE = "rp_pre_vote_response"
 
