@@ -527,7 +527,13 @@ class _RaftpayJournal(FileJournal):
         fdatasync writes the pages dirtied through the mmap and the size change too.  The fd is
         looked up each time because upstream reopens the file when it grows it."""
         rfile = self._FileJournal__journalFile
-        os.fdatasync(rfile._ResizableFile__f.fileno())
+        try:
+            os.fdatasync(rfile._ResizableFile__f.fileno())
+        except OSError as e:
+            # After a failed fdatasync the kernel may have dropped the dirty pages and marked
+            # them clean, and the next fdatasync then reports success (PostgreSQL's "fsyncgate",
+            # 2018): a node that carried on could acknowledge entries it no longer holds.
+            raise FatalNodeError(f"cannot sync the journal: {e!r}") from e
         self.rp_syncs += 1
 
 
@@ -1381,7 +1387,13 @@ class _RaftpaySyncObj(SyncObj):
         return self._SyncObj__serializer.rp_job is not None
 
     def _rp_journal_sync(self) -> None:
-        self._SyncObj__raftLog.rp_sync()
+        try:
+            self._SyncObj__raftLog.rp_sync()
+        except FatalNodeError as e:
+            # Also when this runs outside a tick (the acks of a read, on the loop): from here
+            # on the replica acknowledges nothing, and its next tick stops it.
+            self._rp_owner._fatal = e
+            raise
 
     # --- what the node reads ----------------------------------------------------------------
 

@@ -451,6 +451,50 @@ def test_fsync_always_syncs_before_ack_and_before_callback(cluster, monkeypatch)
     assert after - before < 150
 
 
+@pytest.mark.parametrize("role", ["follower", "leader"])
+def test_a_replica_whose_journal_sync_fails_stops_and_acknowledges_nothing_more(
+        cluster, monkeypatch, role):
+    """The disk refuses one fdatasync (EIO) of one replica's journal, then takes the next ones
+    again, which is what Linux reports after it dropped the dirty pages (fsyncgate).  The
+    replica must not acknowledge or apply-and-report what it appended around that failure: it
+    stops, says why in its status, and the two others go on."""
+    import errno
+    c = cluster().start()
+    leader = c.leader()
+    assert propose(leader, {"type": "tick"})[0] == Code.OK
+    c.converged()
+    victim = leader if role == "leader" else c.followers()[0]
+    vlog = victim._so._SyncObj__raftLog
+    real = os.fdatasync
+    failed = []
+
+    def fdatasync(fd):
+        if not failed and fd == vlog._FileJournal__journalFile._ResizableFile__f.fileno():
+            failed.append(vlog[-1][1])
+            raise OSError(errno.EIO, "Input/output error (injected)")
+        return real(fd)
+    monkeypatch.setattr(rn.os, "fdatasync", fdatasync)
+    results = [Result() for _ in range(20)]
+    for r in results:
+        victim_led = victim.is_leader()
+        (victim if victim_led else leader).propose(payload({"type": "tick"}), r)
+        time.sleep(0.005)
+    for r in results:
+        r.get()
+    (at,) = failed
+    for r in results:
+        code, _, index = r.get()
+        if role == "leader":  # nothing past the failed sync is reported applied
+            assert code != Code.OK or index < at, (code, index, at)
+    others = [n for n in c.running() if n is not victim]
+    new = wait_for(lambda: next((n for n in others if n.is_leader()), None), what="a leader")
+    assert propose(new, {"type": "tick"})[0] == Code.OK
+    if role == "follower":  # the leader never heard of an entry past the failure from it
+        assert new.status()["peers"][victim.node_id]["match_index"] < at
+    wait_for(lambda: not victim.status()["running"], what="the replica to stop ticking")
+    assert "cannot sync the journal" in victim.status()["fatal"]
+
+
 def test_fsync_never_does_not_sync(cluster, monkeypatch):
     calls = []
     monkeypatch.setattr(rn._RaftpayJournal, "rp_fsync_now", lambda self: calls.append(1))
