@@ -345,6 +345,31 @@ def _rp_journal_records(entries) -> bytes:
     return b"".join(out)
 
 
+class _ReservedFile(ResizableFile):
+    """Upstream's mmap'd journal file, whose growth takes its disk blocks first.
+
+    Upstream grows the file with `mmap.resize` (ftruncate), which leaves a hole: on a full disk
+    the first store into it is a SIGBUS, and the node dies with "Bus error" and nothing else.
+    Here the new range is reserved with posix_fallocate before upstream maps it, so a full disk
+    stops the node with a `FatalNodeError` that names the cause, before the entry could count
+    anywhere."""
+
+    def write(self, offset, values):
+        mm = self._ResizableFile__mm
+        old = len(mm)  # the map's length (`mm.size()` is the file's)
+        if offset + len(values) > old:
+            new = max(int(old * self._ResizableFile__resizeFactor), offset + len(values))
+            try:
+                os.posix_fallocate(self._ResizableFile__f.fileno(), old, new - old)
+            except OSError as e:
+                raise FatalNodeError(f"cannot grow the journal to {new} bytes: {e!r}") from e
+            try:
+                mm.resize(new)  # the file already has that size: this only maps it
+            except (SystemError, OSError):
+                self._ResizableFile__extand(0)  # upstream's fallback: map the file anew
+        ResizableFile.write(self, offset, values)
+
+
 class _RaftpayJournal(FileJournal):
     """Upstream's mmap journal plus a dirty flag, so the log is synced once per append round
     (`rp_sync`) instead of never, and a compaction that never rewrites the file in place.
@@ -375,6 +400,8 @@ class _RaftpayJournal(FileJournal):
             if other.startswith(name + self.RP_STAGING_SUFFIX):  # a rewrite cut short
                 _remove_quietly(os.path.join(folder, other))
         super().__init__(path)
+        # Upstream made a plain ResizableFile; from here on it grows through _ReservedFile.
+        self._FileJournal__journalFile.__class__ = _ReservedFile
         self.rp_fsync = fsync
         self.rp_dirty = False
         #: Bytes of the commands the journal holds (what a restart would replay): compaction
@@ -484,7 +511,7 @@ class _RaftpayJournal(FileJournal):
             self.rp_worker.submit(_remove_quietly, staging)
             return
         old_file = self._FileJournal__journalFile
-        self._FileJournal__journalFile = ResizableFile(self.rp_path)
+        self._FileJournal__journalFile = _ReservedFile(self.rp_path)
         self._FileJournal__currentOffset = end
         self.rp_dirty = False  # all it holds was synced (or need not be)
         self.rp_rewrites += 1
@@ -1492,6 +1519,16 @@ class _RaftpaySyncObj(SyncObj):
     # --- replaced / wrapped upstream internals ----------------------------------------------
 
     def _SyncObj__onMessageReceived(self, node, message):
+        try:
+            self._rp_on_message(node, message)
+        except FatalNodeError as e:
+            # Messages are handled on the poller's callbacks, outside the tick that would catch
+            # this (on the loop: asyncio logs it and goes on): from here on the replica
+            # acknowledges nothing, and its next tick stops it.
+            self._rp_owner._fatal = e
+            raise
+
+    def _rp_on_message(self, node, message):
         kind = message.get("type") if isinstance(message, dict) else None
         if kind == "append_entries":
             self._rp_in_seq = message.get("rp_seq")

@@ -293,6 +293,31 @@ class _FakeSerializer:
         return self.snapshot
 
 
+def test_the_journal_file_grows_with_its_blocks_reserved(tmp_path):
+    """`_ReservedFile` (the journal's file) relies on ResizableFile's map, file and growth
+    factor, and on its fallback that maps the file anew.  Upstream's growth leaves a hole (a
+    SIGBUS on a full disk); ours leaves none."""
+    for name in ("_ResizableFile__extand", "write", "read"):
+        assert callable(getattr(ResizableFile, name))
+    plain, reserved = str(tmp_path / "plain"), str(tmp_path / "reserved")
+    files = [ResizableFile(p, initialSize=1024, defaultContent=b"head") for p in (plain, reserved)]
+    files[1].__class__ = rn._ReservedFile  # what _RaftpayJournal does to upstream's file
+    for f in files:
+        assert f._ResizableFile__resizeFactor == 2.0 and len(f._ResizableFile__mm) == 1024
+        assert f._ResizableFile__f.fileno() >= 0
+        f.write(1000, b"x" * 300_000)
+        f.write(1_000_000, b"y" * 10)
+        assert f.read(1000, 3) == b"xxx" and f.read(1_000_000, 2) == b"yy"
+    for path, f in zip((plain, reserved), files):
+        f.flush()
+        st = os.stat(path)
+        assert st.st_size == len(f._ResizableFile__mm) >= 1_000_010
+    assert os.stat(plain).st_blocks * 512 < 600_000  # a hole where nothing was written
+    assert os.stat(reserved).st_blocks * 512 >= os.stat(reserved).st_size  # no hole
+    for f in files:
+        f._destroy()
+
+
 def test_log_compaction_protocol_we_rely_on(tmp_path):
     """`__tryLogCompaction` (once a tick): with the log long enough it calls serialize with
     (data, the last applied entry, the one before, cluster) and prev's index as the id; a later
