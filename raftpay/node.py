@@ -25,7 +25,9 @@ section "ADAPTER OVER PYSYNCOBJ 0.3.17 INTERNALS" below, pinned name by name by
 * Durability: upstream never fsyncs.  With ``fsync="always"`` the log is synced once per append
   round before a follower acknowledges it and before the leader counts itself (a follower that
   finds several rounds in one read handles them all, syncs once, then acknowledges each); term/vote
-  and snapshots are written temp-fsync-rename-fsync(dir).
+  and snapshots are written temp-fsync-rename-fsync(dir).  A failed sync, or a journal that
+  cannot grow (its blocks are reserved first: upstream's holes made a full disk a SIGBUS),
+  stops the replica.
 * Availability: upstream raises its term at every election timeout, heard or not, so a node back
   from a partition deposes a healthy leader.  The adapter runs a pre-vote round first (Raft
   thesis §9.6): no new term without a majority that has no leader and no newer log.
