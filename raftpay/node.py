@@ -879,9 +879,11 @@ class _LoopPoller:
     Error conditions reach upstream as READ (epoll reports them as readable); its read path
     notices the error and disconnects."""
 
-    def __init__(self, loop, on_event: Callable[[], None]):
+    def __init__(self, loop, on_event: Callable[[], None],
+                 on_fatal: Callable[[FatalNodeError], None]):
         self._loop = loop
         self._on_event = on_event
+        self._on_fatal = on_fatal
         self._subs: dict[int, list] = {}  # fd -> [callback, reading, writing]
 
     def subscribe(self, descr, callback, eventMask):
@@ -928,6 +930,12 @@ class _LoopPoller:
             return
         try:
             sub[0](descr, event)
+        except FatalNodeError as e:
+            # Raised while a read was handled (a message, the sync before its acks), outside the
+            # tick that would catch it; asyncio would log it and go on.  `on_fatal` makes the
+            # replica acknowledge nothing from here on, and its next tick stops it.
+            self._on_fatal(e)
+            raise
         finally:
             self._on_event()
 
@@ -1416,13 +1424,7 @@ class _RaftpaySyncObj(SyncObj):
         return self._SyncObj__serializer.rp_job is not None
 
     def _rp_journal_sync(self) -> None:
-        try:
-            self._SyncObj__raftLog.rp_sync()
-        except FatalNodeError as e:
-            # Also when this runs outside a tick (the acks of a read, on the loop): from here
-            # on the replica acknowledges nothing, and its next tick stops it.
-            self._rp_owner._fatal = e
-            raise
+        self._SyncObj__raftLog.rp_sync()
 
     # --- what the node reads ----------------------------------------------------------------
 
@@ -1521,16 +1523,6 @@ class _RaftpaySyncObj(SyncObj):
     # --- replaced / wrapped upstream internals ----------------------------------------------
 
     def _SyncObj__onMessageReceived(self, node, message):
-        try:
-            self._rp_on_message(node, message)
-        except FatalNodeError as e:
-            # Messages are handled on the poller's callbacks, outside the tick that would catch
-            # this (on the loop: asyncio logs it and goes on): from here on the replica
-            # acknowledges nothing, and its next tick stops it.
-            self._rp_owner._fatal = e
-            raise
-
-    def _rp_on_message(self, node, message):
         kind = message.get("type") if isinstance(message, dict) else None
         if kind == "append_entries":
             self._rp_in_seq = message.get("rp_seq")
@@ -2013,7 +2005,8 @@ class Node:
             so = _RaftpaySyncObj(self, self.raft_addr, list(self.peers.values()), conf,
                                  os.path.join(self.data_dir, JOURNAL_FILE),
                                  fsync=self.fsync == "always",
-                                 poller=_LoopPoller(loop, self._schedule_tick) if loop else None,
+                                 poller=(_LoopPoller(loop, self._schedule_tick, self._set_fatal)
+                                         if loop else None),
                                  compaction_bytes=self._compaction_bytes)
         except pysyncobj.SyncObjException as e:
             raise OSError(f"cannot bind Raft address {self.raft_addr}: {e}") from None
@@ -2281,6 +2274,9 @@ class Node:
             log.critical("%s: stopping: %r", self.node_id, self._fatal)
             return False
         return True
+
+    def _set_fatal(self, error: FatalNodeError) -> None:
+        self._fatal = error
 
     def _schedule_tick(self) -> None:
         """Loop mode: tick once more soon, after the events already due in this loop pass (so a

@@ -127,7 +127,7 @@ def test_loop_poller_survives_upstreams_close_then_unsubscribe():
     lt = LoopThread()
     try:
         events = []
-        poller = rn._LoopPoller(lt.loop, lambda: events.append("tick"))
+        poller = rn._LoopPoller(lt.loop, lambda: events.append("tick"), events.append)
         a, b = socket.socketpair()
         got = threading.Event()
 
