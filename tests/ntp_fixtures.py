@@ -12,6 +12,7 @@ __init__.py.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -19,6 +20,7 @@ import struct
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,11 +31,27 @@ NTP_UNIX_DELTA_S = 2_208_988_800
 _PACKET = struct.Struct("!BBbbII4sQQQQ")
 
 
-def free_udp_port() -> int:
-    """A UDP port on 127.0.0.1 that was free a moment ago (the kernel picked it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def unassigned_udp_ports(rng: random.Random | None = None) -> Iterator[int]:
+    """UDP ports on 127.0.0.1, free when yielded, from below the kernel's ephemeral range.
+
+    A port the kernel picks for a bind to port 0 is one it may also hand to the next socket that
+    sends without binding (a resolver, an NTP client) before our server binds it.  Ports below
+    `ip_local_port_range` are never handed out that way, so only an explicit bind can take one;
+    `start_chronyd` tries another port when that happens."""
+    rng = rng or random.Random()
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    low = max(low, 2048)
+    while True:
+        port = rng.randrange(1024, low)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        yield port
 
 
 def to_ntp(unix_s: float) -> int:
@@ -57,60 +75,88 @@ pidfile {dir}/chronyd.pid
 """
 
 
+def chronyd_exe() -> str | None:
+    return shutil.which("chronyd") or next(
+        (p for p in ("/usr/sbin/chronyd", "/sbin/chronyd") if os.access(p, os.X_OK)), None
+    )
+
+
+# What chronyd logs when its NTP port is taken between our check and its bind.
+_PORT_TAKEN = "Could not open NTP socket"
+
+
+def start_chronyd(exe: str, d: Path, ports: Iterator[int], attempts: int = 5):
+    """Start chronyd in `d` on the first of `ports` it can bind; returns `(proc, port)`.
+
+    A port free when checked can be taken before chronyd binds it; chronyd then exits at once
+    with `_PORT_TAKEN`, and the next port is tried.  Any other failure raises at once."""
+    for attempt in range(1, attempts + 1):
+        port = next(ports)
+        (d / "chrony.conf").write_text(CHRONY_CONF.format(port=port, dir=d))
+        log_path = d / "chronyd.log"
+        with open(log_path, "wb") as log_file:
+            # -d: stay in the foreground and log to stderr; -x: never touch the system clock.
+            proc = subprocess.Popen(
+                [exe, "-d", "-x", "-f", str(d / "chrony.conf")],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        try:
+            deadline = time.monotonic() + 10.0
+            while True:
+                if proc.poll() is not None:
+                    log = log_path.read_text()
+                    if _PORT_TAKEN in log and attempt < attempts:
+                        break  # try the next port
+                    raise RuntimeError(f"chronyd exited with {proc.returncode}:\n{log}")
+                try:
+                    sntp_query("127.0.0.1", port, timeout_s=0.2)
+                    return proc, port
+                except NtpError as e:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(
+                            f"chronyd did not answer on port {port} within 10 s ({e}):\n"
+                            f"{log_path.read_text()}"
+                        ) from None
+        except BaseException:
+            stop_chronyd(proc)
+            raise
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def stop_chronyd(proc: subprocess.Popen) -> None:
+    # chronyd -d does not fork, so the pid we started is the daemon's pid.
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
 @pytest.fixture(scope="module")
 def chronyd(tmp_path_factory: pytest.TempPathFactory):
     """A real chronyd serving NTP on 127.0.0.1:<free port>; yields `(host, port)`.
 
     Fails (does not skip) when chronyd is missing: these tests are the only check of the SNTP
     client against a real server, and a silent skip would hide that they never ran."""
-    exe = shutil.which("chronyd") or next(
-        (p for p in ("/usr/sbin/chronyd", "/sbin/chronyd") if os.access(p, os.X_OK)), None
-    )
+    exe = chronyd_exe()
     if exe is None:
         pytest.fail(
             "chronyd is not installed; the SNTP tests need a real NTP server: "
             "apt-get install -y chrony",
             pytrace=False,
         )
-    d: Path = tmp_path_factory.mktemp("chronyd")
-    port = free_udp_port()
-    (d / "chrony.conf").write_text(CHRONY_CONF.format(port=port, dir=d))
-    log_path = d / "chronyd.log"
-    with open(log_path, "wb") as log_file:
-        # -d: stay in the foreground and log to stderr; -x: never touch the system clock.
-        proc = subprocess.Popen(
-            [exe, "-d", "-x", "-f", str(d / "chrony.conf")],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
     try:
-        deadline = time.monotonic() + 10.0
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(
-                    f"chronyd exited with {proc.returncode}:\n{log_path.read_text()}", pytrace=False
-                )
-            try:
-                sntp_query("127.0.0.1", port, timeout_s=0.2)
-                break
-            except NtpError as e:
-                if time.monotonic() > deadline:
-                    pytest.fail(
-                        f"chronyd did not answer on port {port} within 10 s ({e}):\n"
-                        f"{log_path.read_text()}",
-                        pytrace=False,
-                    )
+        proc, port = start_chronyd(exe, tmp_path_factory.mktemp("chronyd"), unassigned_udp_ports())
+    except RuntimeError as e:
+        pytest.fail(str(e), pytrace=False)
+    try:
         yield "127.0.0.1", port
     finally:
-        # chronyd -d does not fork, so the pid we started is the daemon's pid.
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+        stop_chronyd(proc)
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,7 +6,14 @@ import socket
 import time
 
 import pytest
-from ntp_fixtures import FakeNtpServer, chronyd  # noqa: F401  (chronyd is a fixture)
+from ntp_fixtures import (  # noqa: F401  (chronyd is a fixture)
+    FakeNtpServer,
+    chronyd,
+    chronyd_exe,
+    start_chronyd,
+    stop_chronyd,
+    unassigned_udp_ports,
+)
 
 from raftpay.clock import (
     KissOfDeath,
@@ -60,6 +67,28 @@ def test_chronyd_monitor_status(chronyd):
     assert st["agreeing"] == 1 and abs(st["offset_ms"]) < 50
     assert st["servers"][f"{host}:{port}"]["state"] == "ok"
     assert not mon.exceeds(500)
+
+
+def test_chronyd_fixture_moves_on_when_its_port_is_taken(tmp_path):
+    # CI once lost all four chronyd tests to one port taken between the check and chronyd's bind.
+    ports = unassigned_udp_ports()
+    taken_port, free_port = next(ports), next(ports)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", taken_port))
+        proc, port = start_chronyd(chronyd_exe(), tmp_path, iter([taken_port, free_port]))
+        try:
+            assert port == free_port
+            assert abs(sntp_query("127.0.0.1", port, timeout_s=1.0).offset_ms) < 50
+        finally:
+            stop_chronyd(proc)
+        with pytest.raises(RuntimeError, match="Could not open NTP socket"):
+            start_chronyd(chronyd_exe(), tmp_path, iter([taken_port] * 2), attempts=2)
+
+
+def test_unassigned_ports_are_below_the_ephemeral_range():
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    ports = unassigned_udp_ports()
+    assert all(1024 <= next(ports) < low for _ in range(50))
 
 
 # --- FakeNtpServer: offsets -------------------------------------------------------------------
