@@ -68,9 +68,11 @@ import collections
 import errno
 import gc
 import heapq
+import io
 import itertools
 import logging
 import os
+import pickle
 import signal
 import socket
 import struct
@@ -326,6 +328,67 @@ class _DurableMetaStorer(MetaStorer):
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(os.path.dirname(path) or ".")
+
+
+class _MetaUnpickler(pickle.Unpickler):
+    """Reads a term/vote file: a dict of ints, strings and None, which need no class."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"unexpected object {module}.{name}")
+
+
+#: What upstream keeps in the term/vote file, and the types it may have.
+_META_FIELDS = {"currentTerm": (int,), "votedForNodeId": (str, type(None)),
+                "raftCommitIndex": (int,)}
+
+
+def _rp_check_meta(journal_path: str, snapshot_path: str) -> None:
+    """Refuse to start with a term/vote file that is unreadable, or missing beside a log.
+
+    Upstream's `MetaStorer.getMeta` reads `<journal>.meta` inside a bare `except: pass`, so an
+    unreadable or missing file meant term 0 (then the last entry's term) and no vote.  A node
+    that voted in a term and came back like that can vote again in the same term and help elect a
+    second leader, whose entries then conflict with committed ones (Raft's Election Safety).  The
+    file is written atomically (`_DurableMetaStorer`), so a crash cannot leave it half written;
+    it is damaged only by the disk, a person, or a power cut with fsync = "never"."""
+    meta = journal_path + ".meta"
+    fix = (f"the node could vote twice in one term. Restore the file, or move the data dir "
+           f"{os.path.dirname(meta) or '.'} aside and start the node empty: it catches up from "
+           f"the others")
+    try:
+        with open(meta, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        if _rp_journal_has_entries(journal_path) or os.path.exists(snapshot_path):
+            raise FatalNodeError(f"the term/vote file {meta} is missing beside a log; {fix}") \
+                from None
+        return  # a new node
+    except OSError as e:
+        raise FatalNodeError(f"cannot read the term/vote file {meta}: {e!r}; {fix}") from e
+    try:
+        doc = _MetaUnpickler(io.BytesIO(data)).load()
+        if not isinstance(doc, dict):
+            raise ValueError(f"a {type(doc).__name__}, not a dict")
+        for key, value in doc.items():
+            types = _META_FIELDS.get(key)
+            if types is None or not isinstance(value, types) or isinstance(value, bool) \
+                    or (isinstance(value, int) and value < 0):
+                raise ValueError(f"{key!r} = {value!r}")
+    except Exception as e:
+        raise FatalNodeError(f"the term/vote file {meta} is damaged ({e}); {fix}") from e
+
+
+def _rp_journal_has_entries(journal_path: str) -> bool:
+    """Whether upstream's journal file records any entry (its header's last-record offset is
+    past the header).  A file too short to say counts as holding entries: damaged, not new."""
+    try:
+        with open(journal_path, "rb") as f:
+            head = f.read(LAST_RECORD_OFFSET_OFFSET + 4)
+    except FileNotFoundError:
+        return False
+    if len(head) < LAST_RECORD_OFFSET_OFFSET + 4:
+        return len(head) > 0
+    return _JOURNAL_U32.unpack_from(head, LAST_RECORD_OFFSET_OFFSET)[0] > FIRST_RECORD_OFFSET
 
 
 class _StaleRewrite(Exception):
@@ -1254,6 +1317,8 @@ class _RaftpaySyncObj(SyncObj):
         self._rp_elect_now = False
         self._rp_pre_vote: tuple | None = None
         self._rp_leader_seen = float("-inf")
+        # Before upstream reads the term and vote (and swallows any error doing so).
+        _rp_check_meta(journal_path, conf.fullDumpFile)
         super().__init__(self_addr, other_addrs, conf=conf, transportClass=_RaftpayTransport)
         # Upstream opened a plain FileJournal in its __init__; nothing has ticked yet, so swap in
         # the durable subclass on the same file (it reads back what upstream just wrote).

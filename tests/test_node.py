@@ -7,7 +7,10 @@ deadline on a condition, never a sleep used as synchronisation.
 
 from __future__ import annotations
 
+import collections
+import io
 import os
+import pickle
 import socket
 import statistics
 import threading
@@ -248,6 +251,58 @@ def test_broken_snapshot_fails_start(tmp_path):
     n = Node("a", free_addr(), {}, str(d))
     with pytest.raises(rn.FatalNodeError):
         n.start()
+
+
+def _term_vote_damage():
+    return {
+        "garbage": b"\x00\x13not a pickle",
+        "empty": b"",
+        "not a dict": pickle.dumps([1, 2]),
+        "a negative term": pickle.dumps({"currentTerm": -1, "votedForNodeId": None}),
+        "a vote that is not a node id": pickle.dumps({"currentTerm": 2, "votedForNodeId": 7}),
+        # Nothing in the file runs: a pickle that names a class is refused, not loaded.
+        "a class": pickle.dumps(collections.OrderedDict(currentTerm=2)),
+        "missing": None,
+    }
+
+
+@pytest.mark.parametrize("damage", list(_term_vote_damage()))
+def test_a_damaged_or_missing_term_vote_file_fails_start_and_changes_nothing(
+        cluster, tmp_path, damage):
+    # Upstream reads the file as term 0 and no vote whatever is wrong with it: a node that voted
+    # in a term could vote again in it (test_raft_adapter pins that).  It must refuse to start.
+    c = cluster(ids=("a",)).start()
+    n = c.nodes["a"]
+    assert wait_for(lambda: n.is_leader(), what="single node leads")
+    assert propose(n, {"type": "register_session"})[0] == Code.OK
+    c.stop()
+    d = tmp_path / "a"
+    meta = d / (rn.JOURNAL_FILE + ".meta")
+    assert rn._MetaUnpickler(io.BytesIO(meta.read_bytes())).load()["currentTerm"] >= 1
+    bad = _term_vote_damage()[damage]
+    if bad is None:
+        meta.unlink()
+    else:
+        meta.write_bytes(bad)
+    before = {f.name: f.read_bytes() for f in d.iterdir() if f.is_file()}
+    with pytest.raises(rn.FatalNodeError, match="term/vote file .* vote twice in one term"):
+        c.start("a")
+    c.nodes.pop("a", None)
+    assert {f.name: f.read_bytes() for f in d.iterdir() if f.is_file()} == before
+    # The port was never bound: the refusal comes before upstream opens anything.
+    host, port = c.addrs["a"].rsplit(":", 1)
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, int(port)))
+
+
+def test_a_new_node_starts_without_a_term_vote_file(tmp_path):
+    d = tmp_path / "a"
+    rn._rp_check_meta(str(d / rn.JOURNAL_FILE), str(d / rn.SNAPSHOT_FILE))  # nothing there
+    d.mkdir()
+    (d / rn.SNAPSHOT_FILE).write_bytes(b"")
+    with pytest.raises(rn.FatalNodeError, match="missing beside a log"):
+        rn._rp_check_meta(str(d / rn.JOURNAL_FILE), str(d / rn.SNAPSHOT_FILE))
 
 
 def test_stop_releases_port_and_is_idempotent(cluster):

@@ -318,6 +318,38 @@ def test_the_journal_file_grows_with_its_blocks_reserved(tmp_path):
         f._destroy()
 
 
+def test_upstream_reads_a_damaged_term_vote_file_as_no_vote(tmp_path):
+    """Why `_rp_check_meta` refuses to start: upstream's FileJournal reads `<journal>.meta`
+    with a bare `except`, so a node whose file is damaged or gone forgets the vote it cast and
+    SyncObj starts at the last entry's term with no vote.  Also the journal header offset
+    `_rp_journal_has_entries` reads."""
+    import pickle
+    path = str(tmp_path / "j")
+    j = FileJournal(path)
+    j.add(b"x", 1, 3)
+    j.setCurrentTerm(5, "127.0.0.1:2")
+    j._destroy()
+    assert rn._rp_journal_has_entries(path)
+    meta = MetaStorer(path + ".meta")
+    assert meta.getMeta() == {"currentTerm": 5, "votedForNodeId": "127.0.0.1:2"}
+    # What upstream wrote is what our reader takes.
+    with open(path + ".meta", "rb") as f:
+        assert pickle.loads(f.read()) == meta.getMeta()
+    rn._rp_check_meta(path, str(tmp_path / "no-snapshot"))
+    for damage in (b"\x00garbage", b""):
+        with open(path + ".meta", "wb") as f:
+            f.write(damage)
+        assert meta.getMeta() == {}
+        j = FileJournal(path)
+        assert (j.getCurrentTerm(), j.getVotedForNodeId(), len(j)) == (0, None, 1)
+        j._destroy()
+        with pytest.raises(rn.FatalNodeError, match="damaged"):
+            rn._rp_check_meta(path, str(tmp_path / "no-snapshot"))
+    empty = str(tmp_path / "new")
+    FileJournal(empty)._destroy()
+    assert not rn._rp_journal_has_entries(empty)
+
+
 def test_log_compaction_protocol_we_rely_on(tmp_path):
     """`__tryLogCompaction` (once a tick): with the log long enough it calls serialize with
     (data, the last applied entry, the one before, cluster) and prev's index as the id; a later
