@@ -102,8 +102,15 @@ def node_start(config_path: str) -> None:
             sys.exit(EXIT_USAGE)
         asyncio.run(serve_zk(cfg))
         return
+    from .node import FatalNodeError
     from .server import serve
-    asyncio.run(serve(cfg))
+    try:
+        asyncio.run(serve(cfg))
+    except FatalNodeError as e:
+        # Only a start raises it (a node that fails later stops Raft and says why in its
+        # status): a data dir it cannot trust, a snapshot that does not load.
+        click.echo(f"refusing to start: {e}", err=True)
+        sys.exit(EXIT_REFUSED)
 
 
 class LocalCluster:

@@ -197,6 +197,22 @@ def test_bad_config_refuses_to_start(tmp_path):
     assert "raft.fsync" in r.stderr and "secret" in r.stderr
 
 
+def test_a_node_whose_term_vote_file_is_damaged_refuses_to_start(tmp_path):
+    with local_cluster(tmp_path, nodes=1) as c:
+        c.start()
+        c.wait_for_leader()
+        c.stop()
+    cfg = c.configs[0]
+    meta = os.path.join(cfg.node.data_dir, "raft.journal.meta")
+    with open(meta, "wb") as f:
+        f.write(b"\x80\x04not a pickle")
+    r = subprocess.run([sys.executable, "-m", "raftpay", "node", "start", "--config", c.paths[0]],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stderr
+    assert "refusing to start" in r.stderr and "term/vote file" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
 def pay_stream(seeds: str, prefix: str, n: int, results: dict, stop: threading.Event):
     """Pay n transfers one by one, recording each id's outcome: ok/exists, or unknown."""
     with Client(seeds, timeout_s=20) as c:
