@@ -410,33 +410,63 @@ def _rp_journal_records(entries) -> bytes:
     return b"".join(out)
 
 
+#: The journal's file doubles up to this size, then grows by this much at a time (each new
+#: range is written with zeros, so a bounded step keeps that write and its first sync short).
+JOURNAL_GROW_STEP = 8 << 20
+_ZEROS = bytes(1 << 20)
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
 class _ReservedFile(ResizableFile):
-    """Upstream's mmap'd journal file, whose growth takes its disk blocks first.
+    """Upstream's journal file, written with pwrite into ranges reserved and zero-filled first.
 
     Upstream grows the file with `mmap.resize` (ftruncate), which leaves a hole: on a full disk
     the first store into it is a SIGBUS, and the node dies with "Bus error" and nothing else.
     Here the new range is reserved with posix_fallocate before upstream maps it, so a full disk
     stops the node with a `FatalNodeError` that names the cause, before the entry could count
-    anywhere."""
+    anywhere.
+
+    The range is then written with zeros, and entries go in with pwrite, not through the map.
+    On ext4 a reserved range is "unwritten": every fdatasync that covers a first write into it
+    also commits the filesystem's journal to record the change, and the three nodes' commits
+    queue behind each other on one disk.  Once the zeros are on disk (the first sync after a
+    growth writes them) a sync writes only the data.  Stores through the map into a zeroed file
+    were slower still (write faults after each sync).  Scratch, 3 processes syncing 3 kB
+    appends at once: 196 us per sync through the map into a reserved file, 192 with pwrite,
+    143 with pwrite into zeros; in a 3-node cluster at 64 clients the nodes' syncs took
+    0.45-0.87 ms instead of 0.94-1.19 ms (perf trace)."""
 
     def write(self, offset, values):
         mm = self._ResizableFile__mm
         old = len(mm)  # the map's length (`mm.size()` is the file's)
+        fd = self._ResizableFile__f.fileno()
         if offset + len(values) > old:
-            new = max(int(old * self._ResizableFile__resizeFactor), offset + len(values))
+            new = max(old + min(old, JOURNAL_GROW_STEP), offset + len(values))
             try:
-                os.posix_fallocate(self._ResizableFile__f.fileno(), old, new - old)
+                os.posix_fallocate(fd, old, new - old)
+                for at in range(old, new, len(_ZEROS)):
+                    _pwrite_all(fd, _ZEROS[:min(len(_ZEROS), new - at)], at)
             except OSError as e:
                 raise FatalNodeError(f"cannot grow the journal to {new} bytes: {e!r}") from e
             try:
                 mm.resize(new)  # the file already has that size: this only maps it
             except (SystemError, OSError):
                 self._ResizableFile__extand(0)  # upstream's fallback: map the file anew
-        ResizableFile.write(self, offset, values)
+                fd = self._ResizableFile__f.fileno()
+        try:
+            _pwrite_all(fd, values, offset)
+        except OSError as e:
+            raise FatalNodeError(f"cannot write the journal: {e!r}") from e
 
 
 class _RaftpayJournal(FileJournal):
-    """Upstream's mmap journal plus a dirty flag, so the log is synced once per append round
+    """Upstream's journal (its file a `_ReservedFile`) plus a dirty flag, so the log is synced once per append round
     (`rp_sync`) instead of never, and a compaction that never rewrites the file in place.
 
     `flush()` is `mmap.flush()`, i.e. msync(MS_SYNC), which on Linux syncs the file range and
@@ -538,6 +568,9 @@ class _RaftpayJournal(FileJournal):
         with open(path, "wb") as f:
             f.write(self._rp_header(end))
             f.write(body)
+            # Room for the appends to come, as `_ReservedFile` grows it (here, off the loop).
+            for _ in range(0, JOURNAL_GROW_STEP, len(_ZEROS)):
+                f.write(_ZEROS)
             f.flush()
             if self.rp_fsync:
                 os.fdatasync(f.fileno())

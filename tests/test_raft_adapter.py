@@ -293,12 +293,33 @@ class _FakeSerializer:
         return self.snapshot
 
 
-def test_the_journal_file_grows_with_its_blocks_reserved(tmp_path):
+_FS_IOC_FIEMAP = 0xC020660B
+_FIEMAP_EXTENT_UNWRITTEN = 0x800
+
+
+def _extent_flags(path: str) -> list[int] | None:
+    """The flags of a file's extents (FIEMAP), or None where the filesystem cannot say."""
+    import fcntl
+    import struct
+    count = 64
+    req = bytearray(struct.pack("=QQLLLL", 0, 2 ** 64 - 1, 0, 0, count, 0) + bytes(56 * count))
+    with open(path, "rb") as f:
+        try:
+            fcntl.ioctl(f.fileno(), _FS_IOC_FIEMAP, req)
+        except OSError:
+            return None
+    mapped = struct.unpack_from("=L", req, 20)[0]
+    return [struct.unpack_from("=L", req, 32 + 56 * i + 40)[0] for i in range(mapped)]
+
+
+def test_the_journal_file_grows_with_its_blocks_reserved(tmp_path, monkeypatch):
     """`_ReservedFile` (the journal's file) relies on ResizableFile's map, file and growth
     factor, and on its fallback that maps the file anew.  Upstream's growth leaves a hole (a
-    SIGBUS on a full disk); ours leaves none."""
+    SIGBUS on a full disk); ours leaves none, writes zeros into what it grows, and writes with
+    pwrite, which upstream's reads through the map see."""
     for name in ("_ResizableFile__extand", "write", "read"):
         assert callable(getattr(ResizableFile, name))
+    monkeypatch.setattr(rn, "JOURNAL_GROW_STEP", 256 * 1024)
     plain, reserved = str(tmp_path / "plain"), str(tmp_path / "reserved")
     files = [ResizableFile(p, initialSize=1024, defaultContent=b"head") for p in (plain, reserved)]
     files[1].__class__ = rn._ReservedFile  # what _RaftpayJournal does to upstream's file
@@ -308,14 +329,61 @@ def test_the_journal_file_grows_with_its_blocks_reserved(tmp_path):
         f.write(1000, b"x" * 300_000)
         f.write(1_000_000, b"y" * 10)
         assert f.read(1000, 3) == b"xxx" and f.read(1_000_000, 2) == b"yy"
+        assert f.read(0, 4) == b"head"
     for path, f in zip((plain, reserved), files):
         f.flush()
         st = os.stat(path)
         assert st.st_size == len(f._ResizableFile__mm) >= 1_000_010
     assert os.stat(plain).st_blocks * 512 < 600_000  # a hole where nothing was written
     assert os.stat(reserved).st_blocks * 512 >= os.stat(reserved).st_size  # no hole
+    # A write past what one growth would add grows the file to just hold it, as upstream does.
+    assert os.stat(reserved).st_size == 1_000_010
+    with open(reserved, "rb") as fh:
+        data = fh.read()
+    assert data[1000:301_000] == b"x" * 300_000 and data[1_000_000:1_000_010] == b"y" * 10
+    assert data[301_000:1_000_000].count(0) == 699_000  # the grown ranges hold zeros
+    # ...written zeros, not reserved ("unwritten") extents that read as zeros: a sync into those
+    # would commit the filesystem's journal each time (ext4; other filesystems say nothing).
+    os.fsync(files[1]._ResizableFile__f.fileno())
+    flags = _extent_flags(reserved)
+    assert flags is None or not any(fl & _FIEMAP_EXTENT_UNWRITTEN for fl in flags), flags
     for f in files:
         f._destroy()
+
+
+def test_a_journal_write_that_fails_stops_the_node(tmp_path, monkeypatch):
+    f = ResizableFile(str(tmp_path / "j"), initialSize=1024, defaultContent=b"head")
+    f.__class__ = rn._ReservedFile
+    f.write(10, b"ok")
+
+    def eio(*a):
+        raise OSError(5, "Input/output error")
+    monkeypatch.setattr(rn.os, "pwrite", eio)
+    with pytest.raises(rn.FatalNodeError, match="cannot write the journal"):
+        f.write(20, b"lost")
+    with pytest.raises(rn.FatalNodeError, match="cannot grow the journal"):
+        f.write(5000, b"lost")
+    monkeypatch.undo()
+    assert f.read(10, 2) == b"ok"
+    f._destroy()
+
+
+def test_a_journal_that_grew_many_times_reads_back_whole(tmp_path, monkeypatch):
+    """Entries written with pwrite across some 25 growths read back through upstream's map."""
+    monkeypatch.setattr(rn, "JOURNAL_GROW_STEP", 64 * 1024)
+    path = str(tmp_path / "journal")
+    j = rn._RaftpayJournal(path, True)
+    entries = [(bytes([i % 251]) * (1 + (i * 7919) % 5000), i + 1, 1 + i // 100)
+               for i in range(600)]
+    for e in entries:
+        j.add(*e)
+    j.rp_sync()
+    j._destroy()
+    j = rn._RaftpayJournal(path, True)
+    try:
+        assert [j[i] for i in range(len(j))] == entries
+    finally:
+        j._destroy()
 
 
 def test_upstream_reads_a_damaged_term_vote_file_as_no_vote(tmp_path):
