@@ -420,6 +420,8 @@ def _pwrite_all(fd: int, data, offset: int) -> None:
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(errno.EIO, f"pwrite wrote nothing at offset {offset}")
         view, offset = view[n:], offset + n
 
 
@@ -466,8 +468,9 @@ class _ReservedFile(ResizableFile):
 
 
 class _RaftpayJournal(FileJournal):
-    """Upstream's journal (its file a `_ReservedFile`) plus a dirty flag, so the log is synced once per append round
-    (`rp_sync`) instead of never, and a compaction that never rewrites the file in place.
+    """Upstream's journal (its file a `_ReservedFile`) plus a dirty flag, so the log is synced
+    once per append round (`rp_sync`) instead of never, and a compaction that never rewrites the
+    file in place.
 
     `flush()` is `mmap.flush()`, i.e. msync(MS_SYNC), which on Linux syncs the file range and
     the size change like fdatasync.
