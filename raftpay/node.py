@@ -425,6 +425,11 @@ def _pwrite_all(fd: int, data, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
+def _pwrite_zeros(fd: int, start: int, stop: int) -> None:
+    for at in range(start, stop, len(_ZEROS)):
+        _pwrite_all(fd, _ZEROS[:min(len(_ZEROS), stop - at)], at)
+
+
 class _ReservedFile(ResizableFile):
     """Upstream's journal file, written with pwrite into ranges reserved and zero-filled first.
 
@@ -452,8 +457,7 @@ class _ReservedFile(ResizableFile):
             new = max(old + min(old, JOURNAL_GROW_STEP), offset + len(values))
             try:
                 os.posix_fallocate(fd, old, new - old)
-                for at in range(old, new, len(_ZEROS)):
-                    _pwrite_all(fd, _ZEROS[:min(len(_ZEROS), new - at)], at)
+                _pwrite_zeros(fd, old, new)
             except OSError as e:
                 raise FatalNodeError(f"cannot grow the journal to {new} bytes: {e!r}") from e
             try:
@@ -571,10 +575,9 @@ class _RaftpayJournal(FileJournal):
         with open(path, "wb") as f:
             f.write(self._rp_header(end))
             f.write(body)
-            # Room for the appends to come, as `_ReservedFile` grows it (here, off the loop).
-            for _ in range(0, JOURNAL_GROW_STEP, len(_ZEROS)):
-                f.write(_ZEROS)
             f.flush()
+            # Room for the appends to come, as `_ReservedFile` grows it (here, off the loop).
+            _pwrite_zeros(f.fileno(), end, end + JOURNAL_GROW_STEP)
             if self.rp_fsync:
                 os.fdatasync(f.fileno())
         return end
