@@ -12,7 +12,9 @@ measurement, not a test); 1 when a step could not run at all; 2 on bad arguments
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shutil
 import sys
 import time
 
@@ -48,30 +50,36 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         ap.error(f"unknown mode(s) {unknown}; known: {', '.join(MODES)}")
-    ensemble = None
     if "zk-election" in modes and not args.zk_hosts:
         # No ensemble given: run a 3-server one on loopback for the duration (Debian
         # `zookeeper`), with the same server classes the tests use.
-        ensemble = _start_ensemble()
-        args.zk_hosts = ensemble.hosts
-    try:
-        return _run(args, modes)
-    finally:
-        if ensemble is not None:
-            ensemble.stop()
+        with zk_ensemble() as ensemble:
+            args.zk_hosts = ensemble.hosts
+            return _run(args, modes)
+    return _run(args, modes)
 
 
-def _start_ensemble():
+@contextlib.contextmanager
+def zk_ensemble():
+    """A 3-server ZooKeeper ensemble in a temporary directory, stopped and removed on exit
+    (each full run used to leave its servers' data and logs behind in /tmp)."""
     import pathlib
     import tempfile
     tests = pathlib.Path(__file__).resolve().parent.parent / "tests"
     sys.path.insert(0, str(tests))
     from zk_fixtures import ZkEnsemble
-    ensemble = ZkEnsemble(pathlib.Path(tempfile.mkdtemp(prefix="raftpay-bench-zk-")), n=3)
-    ensemble.start()
-    ensemble.wait_quorum()
-    print(f"started a 3-server ZooKeeper ensemble at {ensemble.hosts}", file=sys.stderr)
-    return ensemble
+    root = tempfile.mkdtemp(prefix="raftpay-bench-zk-")
+    try:
+        ensemble = ZkEnsemble(pathlib.Path(root), n=3)
+        try:
+            ensemble.start()
+            ensemble.wait_quorum()
+            print(f"started a 3-server ZooKeeper ensemble at {ensemble.hosts}", file=sys.stderr)
+            yield ensemble
+        finally:
+            ensemble.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _run(args, modes) -> int:

@@ -256,3 +256,26 @@ def test_ledger_growth_refuses_an_unknown_table(capsys):
         ledger_bench.main(["--only", "growth", "--growth-of", "sessions"])
     assert "--growth-of takes some of transfers,accounts,failures,pending" \
         in capsys.readouterr().err
+
+
+def test_the_benchmarks_own_zookeeper_ensemble_leaves_nothing_behind(tmp_path, monkeypatch):
+    # `python -m bench --modes zk-election` without --zk-hosts runs a real 3-server ensemble;
+    # every full run used to leave its data and logs in /tmp.
+    import tempfile
+
+    from bench.__main__ import zk_ensemble
+    from kazoo.client import KazooClient
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with zk_ensemble() as ensemble:
+        (root,) = tmp_path.iterdir()
+        zk = KazooClient(hosts=ensemble.hosts)
+        zk.start(timeout=15)
+        try:
+            zk.create("/raftpay-bench-probe", b"x")
+        finally:
+            zk.stop()
+            zk.close()
+    assert not root.exists() and list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError), zk_ensemble():  # and when the run fails
+        raise RuntimeError("the run failed")
+    assert list(tmp_path.iterdir()) == []
