@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shutil
 import sys
 import time
 
@@ -68,8 +67,8 @@ def zk_ensemble():
     tests = pathlib.Path(__file__).resolve().parent.parent / "tests"
     sys.path.insert(0, str(tests))
     from zk_fixtures import ZkEnsemble
-    root = tempfile.mkdtemp(prefix="raftpay-bench-zk-")
-    try:
+    with tempfile.TemporaryDirectory(prefix="raftpay-bench-zk-",
+                                     ignore_cleanup_errors=True) as root:
         ensemble = ZkEnsemble(pathlib.Path(root), n=3)
         try:
             ensemble.start()
@@ -78,8 +77,6 @@ def zk_ensemble():
             yield ensemble
         finally:
             ensemble.stop()
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def _run(args, modes) -> int:
