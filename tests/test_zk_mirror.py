@@ -261,8 +261,8 @@ def test_outage_never_blocks_and_recovers(zk_server, mirrors, cluster):  # noqa:
         wait_until(lambda: m.status()["status_calls"] >= calls + 5, 3.0, "status_fn polls")
         wait_until(lambda: late.status()["status_calls"] >= 5, 3.0, "status_fn polls (late)")
 
+        zk_server.start()  # returns once the server serves (the JVM's start is not the mirror's)
         t_back = time.monotonic()
-        zk_server.start()
         zk = KazooClient(zk_server.hosts)
         zk.start(timeout=10)
         try:
