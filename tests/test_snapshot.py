@@ -610,6 +610,51 @@ def test_the_kth_replica_waits_longer_for_its_first_compaction_only(tmp_path):
     ser.rp_destroy()
 
 
+def test_replicas_take_turns_by_the_clock_to_start_a_large_compaction(tmp_path):
+    # The spacing by log is lost when entries change size or the entry count starts the first
+    # compaction (then every replica compacts at the same index): measured, three writers of a
+    # 300 MB snapshot at once halved a batched run.  A large one starts only in the node's own
+    # window of the wall clock, a small one at once.
+    calls = []
+
+    def begin(last, prev):
+        calls.append(last)
+        return rn._SnapshotJob.done(str(tmp_path / (rn.SNAPSHOT_WRITING_PREFIX + "1")))
+    ser = _serializer(tmp_path, begin)
+    ser.rp_so.rp_live_bytes = 1 << 40  # due by bytes, whatever the snapshot in place
+    now = [0.0]
+    ser.rp_wall = lambda: now[0]
+    big = ser.RP_TURN_MIN_BYTES
+
+    def starts(rank, snapshot_bytes, at):
+        ser.rp_rank, ser.rp_snapshot_bytes, now[0] = rank, snapshot_bytes, at
+        before = len(calls)
+        ser.serialize(DATA, 9)
+        ser.rp_job = None
+        return len(calls) > before
+    w, head = ser.RP_TURN_S, ser.RP_TURN_START_S
+    t0 = 1_800_000_000 // (3 * w) * (3 * w)  # a window where node 0's turn starts
+    # Small snapshots: at once, whoever and whenever.
+    assert all(starts((k, 3), big - 1, t0 + w * 1.5) for k in range(3))
+    # Large: the k-th of 3 only within the start of the k-th window of each cycle.
+    for k in range(3):
+        mine = t0 + k * w
+        assert starts((k, 3), big, mine) and starts((k, 3), big, mine + head - 0.01)
+        assert not starts((k, 3), big, mine + head)
+        assert not any(starts((k, 3), big, t0 + j * w + 0.5) for j in range(3) if j != k)
+        assert starts((k, 3), big, mine + 3 * w + 0.5)  # the next cycle
+    # Over one cycle, the three starts fall in three different windows, each writer with at
+    # least RP_TURN_S - RP_TURN_START_S before the next one may start.
+    allowed = {k: [t for t in range(int(t0), int(t0 + 3 * w)) if starts((k, 3), big, t)]
+               for k in range(3)}
+    assert all(allowed.values())
+    assert max(allowed[0]) + (w - head) <= min(allowed[1])
+    assert max(allowed[1]) + (w - head) <= min(allowed[2])
+    # A single node never waits.
+    assert starts((0, 1), 10 * big, t0 + w * 1.5)
+    ser.rp_destroy()
+
+
 def test_a_failed_writer_keeps_the_journal_and_backs_off(tmp_path):
     path = str(tmp_path / (rn.SNAPSHOT_WRITING_PREFIX + "1"))
     calls = []
