@@ -5,7 +5,9 @@
 Checks, from what the clients recorded and the final state only: zero CRITICAL truncation
 messages in any node log, every acknowledged transfer present exactly once, every unknown one at
 most once (each id is retried until it resolves), money conserved, and every replica on the same
-state hash.  Prints a JSON summary; exits 1 if any check fails.
+state hash.  Prints a JSON summary; exits 1 if any check fails.  The nodes' data and logs are
+removed when every check passes, and kept (their directory named on stderr) when one fails or
+with --keep.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -61,6 +64,8 @@ def main(argv=None) -> int:
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--nodes", type=int, default=3)
     ap.add_argument("--fsync", choices=["always", "never"], default="always")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the nodes' data and logs (kept anyway when a check fails)")
     args = ap.parse_args(argv)
 
     tmp = tempfile.mkdtemp(prefix="raftpay-soak-")
@@ -68,12 +73,13 @@ def main(argv=None) -> int:
     cluster = LocalCluster(args.nodes, tmp, 0, ports=[(ports[2 * i], ports[2 * i + 1])
                                                       for i in range(args.nodes)],
                            raft=RaftConfig(fsync=args.fsync))
-    cluster.start()
     acked: dict = {}
     unknown: dict = {}
     errors: dict = {}
     kills = []
+    ok = False
     try:
+        cluster.start()
         cluster.wait_for_leader(30)
         with Client(cluster.seeds) as c:
             res = c.create_accounts([{"id": f"acc-{i}", "currency": 1} for i in range(ACCOUNTS)])
@@ -163,6 +169,11 @@ def main(argv=None) -> int:
         return 0 if ok else 1
     finally:
         cluster.stop()
+        # Each run writes hundreds of MB; only a failed one is worth reading afterwards.
+        if ok and not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            print(f"the nodes' data and logs are kept in {tmp}", file=sys.stderr)
 
 
 if __name__ == "__main__":

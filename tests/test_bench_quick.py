@@ -279,3 +279,23 @@ def test_the_benchmarks_own_zookeeper_ensemble_leaves_nothing_behind(tmp_path, m
     with pytest.raises(RuntimeError), zk_ensemble():  # and when the run fails
         raise RuntimeError("the run failed")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_short_soak_passes_its_checks_and_keeps_its_data_only_when_asked(
+        tmp_path, monkeypatch, capsys):
+    # A real 3-node soak with one leader kill.  Each run wrote 150-250 MB into /tmp and left it
+    # there; the data is kept only when a check fails or with --keep.
+    import tempfile
+
+    from bench import soak
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    args = ["--seconds", "6", "--kill-every", "3", "--clients", "4"]
+    assert soak.main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["ok"] and summary["acknowledged"] > 0 and len(summary["kills"]) == 1
+    assert len(set(summary["replica_hashes"].values())) == 1
+    assert list(tmp_path.iterdir()) == []
+    assert soak.main(args + ["--keep"]) == 0
+    (kept,) = tmp_path.iterdir()
+    assert f"kept in {kept}" in capsys.readouterr().err
+    assert {"n1.log", "n2.log", "n3.log"} <= {p.name for p in kept.iterdir()}
