@@ -65,12 +65,23 @@ def _id(text: str):
     return int(text) if text.isdigit() else text
 
 
+_LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+
+
 @click.group()
 @click.option("-v", "--verbose", is_flag=True, help="Log at INFO level to stderr.")
 def main(verbose: bool) -> None:
     """raftpay: a payment ledger replicated with Raft, with no outside coordinator."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format=_LOG_FORMAT)
+
+
+def _log_as(node_id: str) -> None:
+    """Put the node's id in every line this process logs, after the time: the Raft adapter's and
+    the engine's messages do not name the node, and logs of several replicas end up side by side.
+    (Config validation keeps ids to letters, digits, '_' and '-', so the id is safe in a format.)"""
+    fmt = logging.Formatter(_LOG_FORMAT.replace("%(name)s", f"{node_id} %(name)s"))
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(fmt)
 
 
 # --- running nodes ------------------------------------------------------------------------------
@@ -94,6 +105,7 @@ def node_start(config_path: str) -> None:
     except (ConfigError, OSError) as e:
         click.echo(f"refusing to start: {e}", err=True)
         sys.exit(EXIT_USAGE)
+    _log_as(cfg.node.id)
     if cfg.node.mode == "zk-election":
         try:
             from .zk.baseline import serve as serve_zk

@@ -213,6 +213,28 @@ def test_a_node_whose_term_vote_file_is_damaged_refuses_to_start(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def test_a_nodes_log_lines_name_the_node(cluster):
+    """Every line a node process logs carries its node id, also the lines whose message does not
+    (a warning from the Raft adapter here): logs of several nodes merged or shipped to one place
+    still say which replica spoke."""
+    cfg = cluster.configs[1]
+    host, port = cfg.node.raft_addr.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(struct.pack("i", -1))  # a negative frame length: the node drops the connection
+        s.settimeout(5)
+        try:
+            assert s.recv(1) == b""
+        except ConnectionResetError:
+            pass
+    path = os.path.join(cluster.data_dir, f"{cfg.node.id}.log")
+
+    def the_line():
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return next((ln for ln in f if "negative frame length" in ln), None)
+    line = wait_until(the_line, what="the node's warning in its log")
+    assert f" {cfg.node.id} raftpay.node WARNING dropping a Raft connection" in line, line
+
+
 def pay_stream(seeds: str, prefix: str, n: int, results: dict, stop: threading.Event):
     """Pay n transfers one by one, recording each id's outcome: ok/exists, or unknown."""
     with Client(seeds, timeout_s=20) as c:
