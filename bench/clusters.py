@@ -219,7 +219,7 @@ class BenchCluster:
 
     def log_tail(self, node_id: str, lines: int = 20) -> str:
         try:
-            with open(os.path.join(self.data_dir, f"{node_id}.log"), errors="replace") as f:
+            with open(self.local.log_path(node_id), errors="replace") as f:
                 return "".join(f.readlines()[-lines:])
         except OSError:
             return ""

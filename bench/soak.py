@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -150,8 +149,10 @@ def main(argv=None) -> int:
                 hashes = {k: s["state_hash"][:16] for k, s in st.items()}
                 break
             time.sleep(0.2)
-        truncations = sum(open(os.path.join(tmp, f"{cfg.node.id}.log"), errors="replace")
-                          .read().count("truncating") for cfg in cluster.configs)
+        truncations = 0
+        for cfg in cluster.configs:
+            with open(cluster.log_path(cfg.node.id), errors="replace") as f:
+                truncations += f.read().count("truncating")
         summary = {
             "seconds": round(elapsed, 1), "clients": args.clients, "fsync": args.fsync,
             "kills": kills, "acknowledged": len(acked), "unknown_at_first": len(unknown),

@@ -160,6 +160,10 @@ class LocalCluster:
     def seeds(self) -> str:
         return ",".join(self.client_addrs)
 
+    def log_path(self, node_id: str) -> str:
+        """Where a node's stdout and stderr (its log) go."""
+        return os.path.join(self.data_dir, f"{node_id}.log")
+
     def start(self, node_id: str | None = None, env: dict[str, dict[str, str]] | None = None,
               prefix: dict[str, list[str]] | None = None) -> None:
         """Start every node (or one).  `env` adds environment variables per node id (the test
@@ -168,7 +172,7 @@ class LocalCluster:
         for cfg, path in zip(self.configs, self.paths):
             if node_id and cfg.node.id != node_id:
                 continue
-            log = open(os.path.join(self.data_dir, f"{cfg.node.id}.log"), "ab")
+            log = open(self.log_path(cfg.node.id), "ab")
             self.procs[cfg.node.id] = subprocess.Popen(
                 [*(prefix or {}).get(cfg.node.id, []), sys.executable, "-m", "raftpay", "-v",
                  "node", "start", "--config", path],

@@ -226,7 +226,7 @@ def test_a_nodes_log_lines_name_the_node(cluster):
             assert s.recv(1) == b""
         except ConnectionResetError:
             pass
-    path = os.path.join(cluster.data_dir, f"{cfg.node.id}.log")
+    path = cluster.log_path(cfg.node.id)
 
     def the_line():
         with open(path, encoding="utf-8", errors="replace") as f:
