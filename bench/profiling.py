@@ -1,7 +1,7 @@
 """Where the leader's CPU goes: sample it with py-spy under steady load and summarise.
 
-Design.  py-spy (a sampling profiler that attaches to a running process; `pip install py-spy`)
-records the leader's non-idle Python stacks for the length of a load run, per thread, in
+Design.  py-spy (a sampling profiler that attaches to a running process; in the bench and test
+extras) records the leader's non-idle Python stacks for the length of a load run, per thread, in
 "collapsed" form (one line per distinct stack with its sample count).  `summarise` turns that into
 the shares a person asks for: per thread (the asyncio server vs the Raft thread), per module
 (self time, where the CPU is actually burnt) and per module inclusive (time under any frame of

@@ -299,3 +299,41 @@ def test_a_short_soak_passes_its_checks_and_keeps_its_data_only_when_asked(
     (kept,) = tmp_path.iterdir()
     assert f"kept in {kept}" in capsys.readouterr().err
     assert {"n1.log", "n2.log", "n3.log"} <= {p.name for p in kept.iterdir()}
+
+
+_BUSY = """
+import time
+def spin_here():
+    end = time.monotonic() + 30
+    x = 0
+    while time.monotonic() < end:
+        x += 1
+spin_here()
+"""
+
+
+def test_leader_profile_reads_what_real_py_spy_records(tmp_path):
+    """`profiling` parses py-spy's own output (not a hand-written sample): a process that does
+    nothing but spin in one function shows that function on top, in this file's module."""
+    import subprocess
+    import sys
+
+    from bench import profiling
+    assert profiling.available(), "py-spy is in the test extra (setup.cfg)"
+    script = tmp_path / "busy.py"
+    script.write_text(_BUSY)
+    busy = subprocess.Popen([sys.executable, str(script)])
+    try:
+        out = tmp_path / "busy.pyspy.txt"
+        spy = profiling.start(busy.pid, 2, str(out), rate_hz=100)
+        _, err = spy.communicate(timeout=60)
+        assert spy.returncode == 0, err.decode()[-500:]
+    finally:
+        busy.kill()
+        busy.wait()
+    s = profiling.summarise(str(out), top=5)
+    assert s["samples"] >= 100  # ~200 at 100 Hz for 2 s, with the GIL always held
+    assert s["threads"][0][0] == "asyncio server thread"  # py-spy's name for the main thread
+    fn, share = s["top_self_functions"][0]
+    assert fn == "spin_here (busy.py)" and share >= 80, s["top_self_functions"]
+    assert s["self_by_module"][0][0] == "busy.py"
