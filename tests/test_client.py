@@ -194,3 +194,24 @@ def test_a_batch_of_like_events_is_sent_compact_and_others_as_events():
     assert _sent_body(like[:-1]) == {"events": like[:-1]}  # too few to bother
     mixed = like[:-1] + [dict(like[0], user_data=5)]  # one event with another field
     assert _sent_body(mixed) == {"events": mixed}
+
+
+def test_submit_answers_a_code_member_per_event_and_refuses_an_unknown_code():
+    results = {"codes": None}
+
+    class _Api(rc._Api):
+        def _call(self, kind, body, addr=None):
+            return {"code": 0, "results": results["codes"]}
+
+        def _map(self, value, fn):
+            return fn(value)
+
+    events = [{"op": "create_transfer", "id": i} for i in range(8000)]
+    results["codes"] = [int(Code.OK), int(Code.EXISTS)] * 4000
+    out = _Api().submit(events)
+    assert out == [Code.OK, Code.EXISTS] * 4000
+    assert all(type(c) is Code for c in out)  # members, not the ints of the reply
+    for bad in (65535, "ok", [0]):
+        results["codes"] = [0, bad]
+        with pytest.raises(ValueError):
+            _Api().submit(events[:2])
