@@ -314,7 +314,7 @@ spin_here()
 
 def test_leader_profile_reads_what_real_py_spy_records(tmp_path):
     """`profiling` parses py-spy's own output (not a hand-written sample): a process that does
-    nothing but spin in one function shows that function on top, in this file's module."""
+    nothing but spin in one function shows that function on top, in its script's module."""
     import subprocess
     import sys
 
@@ -333,7 +333,7 @@ def test_leader_profile_reads_what_real_py_spy_records(tmp_path):
         busy.wait()
     s = profiling.summarise(str(out), top=5)
     assert s["samples"] >= 100  # ~200 at 100 Hz for 2 s, with the GIL always held
-    assert s["threads"][0][0] == "asyncio server thread"  # py-spy's name for the main thread
+    assert s["threads"][0][0] == "asyncio server thread"  # summarise's label for MainThread
     fn, share = s["top_self_functions"][0]
     assert fn == "spin_here (busy.py)" and share >= 80, s["top_self_functions"]
     assert s["self_by_module"][0][0] == "busy.py"

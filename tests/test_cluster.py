@@ -280,7 +280,8 @@ def test_kill_leader_mid_stream_and_restart_whole_cluster(tmp_path):
         acked = [tid for tid, r in results.items() if r in (Code.OK, Code.EXISTS)]
         unknown = [tid for tid, r in results.items() if r in ("unknown", "unavailable")]
         assert len(acked) > 1000, f"too few payments acknowledged: {len(acked)}"
-        # Each payment got an answer a payer can act on: done, or "outcome unknown" (retry).
+        # Each payment got an answer a payer can act on: done, or unknown / unavailable (retry
+        # with the same id).
         answered = set(acked) | set(unknown)
         others = {tid: r for tid, r in results.items() if tid not in answered}
         assert not others, f"payments answered neither ok/exists nor unknown: {others}"
