@@ -302,10 +302,11 @@ def test_a_short_soak_passes_its_checks_and_keeps_its_data_only_when_asked(
 
 
 _BUSY = """
-import time
+import sys, threading, time  # py-spy names threads from the threading module, as in a node
 def spin_here():
     end = time.monotonic() + 30
     x = 0
+    print("spinning", flush=True)
     while time.monotonic() < end:
         x += 1
 spin_here()
@@ -322,8 +323,9 @@ def test_leader_profile_reads_what_real_py_spy_records(tmp_path):
     assert profiling.available(), "py-spy is in the test extra (setup.cfg)"
     script = tmp_path / "busy.py"
     script.write_text(_BUSY)
-    busy = subprocess.Popen([sys.executable, str(script)])
+    busy = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE)
     try:
+        assert busy.stdout.readline() == b"spinning\n"
         out = tmp_path / "busy.pyspy.txt"
         spy = profiling.start(busy.pid, 2, str(out), rate_hz=100)
         _, err = spy.communicate(timeout=60)
