@@ -1036,7 +1036,11 @@ def test_adapter_cut_off_node_keeps_its_term(rp_pair):
     _heal(follower)
     tick_until(rp_pair, lambda: any(o.rp_is_leader() for o in rp_pair)
                and all(o.rp_leader_addr() for o in rp_pair), what="a leader after the cut")
-    assert leader.raftCurrentTerm == follower.raftCurrentTerm == term + 1  # one election
+    # The cut-off node kept its term (asserted at every tick above: that is pre-vote's point).
+    # After the heal the pair agrees on a term reached by its own elections: term + 1, unless
+    # both nodes time out together and split the vote (rare with randomised timeouts, not
+    # impossible: a fresh-clone CI run on 2026-12-04 ended at term + 2).
+    assert term + 1 <= leader.raftCurrentTerm == follower.raftCurrentTerm <= term + 3
 
 
 def _answers(o):
