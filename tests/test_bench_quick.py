@@ -13,6 +13,8 @@ import json
 import math
 import random
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -302,7 +304,7 @@ def test_a_short_soak_passes_its_checks_and_keeps_its_data_only_when_asked(
 
 
 _BUSY = """
-import sys, threading, time  # py-spy names threads from the threading module, as in a node
+import threading, time  # py-spy names threads from the threading module, as in a node
 def spin_here():
     end = time.monotonic() + 30
     x = 0
@@ -316,9 +318,6 @@ spin_here()
 def test_leader_profile_reads_what_real_py_spy_records(tmp_path):
     """`profiling` parses py-spy's own output (not a hand-written sample): a process that does
     nothing but spin in one function shows that function on top, in its script's module."""
-    import subprocess
-    import sys
-
     from bench import profiling
     assert profiling.available(), "py-spy is in the test extra (setup.cfg)"
     script = tmp_path / "busy.py"

@@ -277,12 +277,12 @@ def test_kill_leader_mid_stream_and_restart_whole_cluster(tmp_path):
         for t in payers:
             t.join(120)
         assert not any(t.is_alive() for t in payers)
-        acked = [tid for tid, r in results.items() if r in (Code.OK, Code.EXISTS)]
-        unknown = [tid for tid, r in results.items() if r in ("unknown", "unavailable")]
+        acked = {tid for tid, r in results.items() if r in (Code.OK, Code.EXISTS)}
+        unknown = {tid for tid, r in results.items() if r in ("unknown", "unavailable")}
         assert len(acked) > 1000, f"too few payments acknowledged: {len(acked)}"
         # Each payment got an answer a payer can act on: done, or unknown / unavailable (retry
         # with the same id).
-        answered = set(acked) | set(unknown)
+        answered = acked | unknown
         others = {tid: r for tid, r in results.items() if tid not in answered}
         assert not others, f"payments answered neither ok/exists nor unknown: {others}"
         # Retry every id: acknowledged ones answer exists; unknown ones resolve to one apply.
