@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from bench import echo, fsync_probe, report, runner
+from bench import echo, fsync_probe, paired, report, runner
 from bench.clusters import MODES, BenchCluster, ClusterSpec
 from bench.hist import Histogram, Timeline, bucket_of, bucket_range
 from bench.progress import Progress
@@ -180,6 +180,41 @@ def test_fsync_probe_times_real_syncs_and_leaves_no_files(tmp_path, capsys):
     assert "1 process(es) syncing at once" in out and "p50 with 2 / with 1:" in out
     with pytest.raises(SystemExit):
         fsync_probe.main(["--procs", "0"])
+
+
+def test_paired_ratios_are_taken_against_the_echo_windows_around_each_window():
+    # E0=40k, R1, E1=20k, R2, E2=30k: R1 against 30k, R2 against 25k.
+    assert paired.bracket_ratios([40e3, 20e3, 30e3], [9e3, 10e3]) == [0.3, 0.4]
+    with pytest.raises(ValueError, match="need 3 echo windows"):
+        paired.bracket_ratios([40e3, 20e3], [9e3, 10e3])
+    with pytest.raises(ValueError, match="completed nothing"):
+        paired.bracket_ratios([0.0, 0.0], [9e3])
+    out = paired.summarise([40e3, 20e3, 30e3, 50e3],
+                           {"transfer": [9e3, 10e3, 16e3], "other": [1.0, 1.0, 1.0]},
+                           {"transfer": 15_000})
+    t = out["kinds"]["transfer"]
+    assert t["median_ratio"] == pytest.approx(0.4)
+    assert (t["min_ratio"], t["max_ratio"]) == (pytest.approx(0.3), pytest.approx(0.4))
+    assert t["echo_needed_per_s"] == pytest.approx(37_500)  # 15,000 / 0.4
+    assert t["windows_at_floor"] == 1
+    assert "floor" not in out["kinds"]["other"]
+
+
+def test_paired_windows_run_against_a_real_echo_server_and_cluster(capsys):
+    out = paired.run(rounds=1, seconds=0.8, clients=4, batch=50, batch_clients=2, accounts=200,
+                     warmup_s=0.3)
+    echo_rates = out["echo_per_s"]
+    assert len(echo_rates) == 2 and min(echo_rates) > 0
+    for kind in ("transfer", "batch"):
+        k = out["kinds"][kind]
+        assert len(k["per_s"]) == 1 and k["per_s"][0] > 0
+        assert k["ratios"] == [k["per_s"][0] / (sum(echo_rates) / 2)]
+        assert "floor" not in k  # the floors are stated for 64 clients and 8k batches only
+    text = paired.report(out)
+    assert "batched 50 transfers/request" in text and "4 clients x 1 transfer/request" in text
+    with pytest.raises(SystemExit):
+        paired.main(["--rounds", "0"])
+    assert "must be positive" in capsys.readouterr().err
 
 
 def test_a_mode_is_a_parameter():
