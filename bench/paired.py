@@ -15,7 +15,7 @@ echo rate at which this host lets raftpay reach that floor.  The echo server and
 (real `raftpay node start` processes, `bench.clusters`) are started once and both stay up, the
 idle one costing only its ticks.
 
-    python -m bench.paired                             # 4 rounds of 6 s windows, 3 nodes
+    python -m bench.paired                             # 4 rounds of 8 s windows, 3 nodes
     python -m bench.paired --rounds 6 --seconds 8 --fsync never --json /tmp/paired.json
 
 Prints one line per window, then the ratios and the echo rate each issue-4 floor needs.
@@ -32,7 +32,11 @@ from . import echo
 from .clusters import BenchCluster, ClusterSpec
 from .load import LoadSpec, run_load
 from .progress import Progress
-from .runner import _create_accounts
+from .runner import _create_accounts, full_profile
+
+#: The full profile's accounts, warm-up and batched requests in flight, so a window here is the
+#: same workload as the full run's row of the same name.
+_FULL = full_profile()
 
 #: Issue 4's throughput floors (transfers/s, 3 nodes, fsync always).
 FLOORS = {"transfer": 15_000, "batch": 100_000}
@@ -70,9 +74,10 @@ def summarise(echo_rates: list[float], windows: dict[str, list[float]],
     return out
 
 
-def run(rounds: int = 4, seconds: float = 6.0, clients: int = 64, batch: int = 8000,
-        batch_clients: int = 4, nodes: int = 3, fsync: str = "always", accounts: int = 1000,
-        warmup_s: float = 1.0, progress: Progress | None = None) -> dict:
+def run(rounds: int = 4, seconds: float = _FULL.concurrency_s, clients: int = 64,
+        batch: int = 8000, batch_clients: int = _FULL.batch_clients, nodes: int = 3, fsync: str = "always",
+        accounts: int = _FULL.accounts, warmup_s: float = _FULL.warmup_s,
+        progress: Progress | None = None) -> dict:
     """Run the alternation; returns `summarise(...)` plus what ran."""
     if rounds < 1 or seconds <= 0 or clients < 1 or batch < 1 or batch_clients < 1:
         raise ValueError("rounds, seconds, clients, batch and batch clients must be positive")
@@ -138,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.paired",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=4, help="raftpay window pairs (default 4)")
-    p.add_argument("--seconds", type=float, default=6.0, help="measured s per window (default 6)")
+    p.add_argument("--seconds", type=float, default=_FULL.concurrency_s,
+                   help="measured s per window (default %(default)g, as the full profile)")
     p.add_argument("--clients", type=int, default=64, help="clients, one transfer each (64)")
     p.add_argument("--batch", type=int, default=8000, help="transfers per batched request (8000)")
     p.add_argument("--nodes", type=int, default=3, help="cluster size (default 3)")
