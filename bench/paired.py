@@ -16,7 +16,7 @@ echo rate at which this host lets raftpay reach that floor.  The echo server and
 idle one costing only its ticks.
 
     python -m bench.paired                             # 4 rounds of 8 s windows, 3 nodes
-    python -m bench.paired --rounds 6 --seconds 8 --fsync never --json /tmp/paired.json
+    python -m bench.paired --rounds 6 --accounts 1000 --fsync never --json /tmp/paired.json
 
 Prints one line per window, then the ratios and the echo rate each issue-4 floor needs.
 """
@@ -75,12 +75,13 @@ def summarise(echo_rates: list[float], windows: dict[str, list[float]],
 
 
 def run(rounds: int = 4, seconds: float = _FULL.concurrency_s, clients: int = 64,
-        batch: int = 8000, batch_clients: int = _FULL.batch_clients, nodes: int = 3, fsync: str = "always",
-        accounts: int = _FULL.accounts, warmup_s: float = _FULL.warmup_s,
+        batch: int = 8000, batch_clients: int = _FULL.batch_clients, nodes: int = 3,
+        fsync: str = "always", accounts: int = _FULL.accounts, warmup_s: float = _FULL.warmup_s,
         progress: Progress | None = None) -> dict:
     """Run the alternation; returns `summarise(...)` plus what ran."""
-    if rounds < 1 or seconds <= 0 or clients < 1 or batch < 1 or batch_clients < 1:
-        raise ValueError("rounds, seconds, clients, batch and batch clients must be positive")
+    if min(rounds, clients, batch, batch_clients) < 1 or seconds <= 0 or accounts < 2:
+        raise ValueError("rounds, seconds, clients, batch and batch clients must be positive, "
+                         "and accounts at least 2")
     progress = progress or Progress(2 + 3 * rounds, enabled=False)
     spec = ClusterSpec(nodes, fsync)
     echo_rates: list[float] = []
@@ -116,13 +117,14 @@ def run(rounds: int = 4, seconds: float = _FULL.concurrency_s, clients: int = 64
     floors = {k: v for k, v in FLOORS.items() if nodes == 3 and fsync == "always" and stated[k]}
     out = summarise(echo_rates, windows, floors)
     out["setup"] = {"rounds": rounds, "seconds": seconds, "clients": clients, "batch": batch,
-                    "batch_clients": batch_clients, "cluster": spec.label}
+                    "batch_clients": batch_clients, "accounts": accounts, "cluster": spec.label}
     return out
 
 
 def report(out: dict) -> str:
     s = out["setup"]
-    lines = [f"{s['cluster']}, {s['rounds']} rounds of {s['seconds']:g} s windows; echo at "
+    lines = [f"{s['cluster']}, {s['accounts']:,} accounts, {s['rounds']} rounds of "
+             f"{s['seconds']:g} s windows; echo at "
              f"{s['clients']} clients: "
              + ", ".join(f"{r:,.0f}" for r in out["echo_per_s"]) + " /s"]
     names = {"transfer": f"{s['clients']} clients x 1 transfer/request",
@@ -148,13 +150,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=64, help="clients, one transfer each (64)")
     p.add_argument("--batch", type=int, default=8000, help="transfers per batched request (8000)")
     p.add_argument("--nodes", type=int, default=3, help="cluster size (default 3)")
+    p.add_argument("--accounts", type=int, default=_FULL.accounts,
+                   help="accounts the transfers pick from (default %(default)s, as the full "
+                        "profile)")
     p.add_argument("--fsync", choices=("always", "never"), default="always")
     p.add_argument("--json", metavar="PATH", help="also write the figures here")
     a = p.parse_args(argv)
-    if a.rounds < 1 or a.seconds <= 0 or a.clients < 1 or a.batch < 1 or a.nodes < 1:
-        p.error("--rounds, --seconds, --clients, --batch and --nodes must be positive")
+    if min(a.rounds, a.clients, a.batch, a.nodes) < 1 or a.seconds <= 0 or a.accounts < 2:
+        p.error("--rounds, --seconds, --clients, --batch and --nodes must be positive, and "
+                "--accounts at least 2")
     out = run(a.rounds, a.seconds, a.clients, a.batch, nodes=a.nodes, fsync=a.fsync,
-              progress=Progress(2 + 3 * a.rounds))
+              accounts=a.accounts, progress=Progress(2 + 3 * a.rounds))
     print(report(out), flush=True)
     if a.json:
         with open(a.json, "w") as f:

@@ -212,9 +212,11 @@ def test_paired_windows_run_against_a_real_echo_server_and_cluster(capsys):
         assert "floor" not in k  # the floors are stated for 64 clients and 8k batches only
     text = paired.report(out)
     assert "batched 50 transfers/request" in text and "4 clients x 1 transfer/request" in text
-    with pytest.raises(SystemExit):
-        paired.main(["--rounds", "0"])
-    assert "must be positive" in capsys.readouterr().err
+    assert "200 accounts" in text
+    for bad in (["--rounds", "0"], ["--accounts", "1"]):
+        with pytest.raises(SystemExit):
+            paired.main(bad)
+        assert "must be positive" in capsys.readouterr().err
 
 
 def test_a_mode_is_a_parameter():
