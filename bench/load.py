@@ -2,7 +2,8 @@
 
 Design.  A `LoadSpec` says what every logical client does (one transfer per request, batches,
 a read/write mix) for how long.  `run_load` forks load-generator processes (one below 64
-clients; several above, so on a 2-core machine the client side is not what is measured), each
+clients; several above, so on a 2-core machine the client side is not what is measured; up to
+two for batched requests), each
 runs its share of the clients as asyncio tasks with one `AsyncClient` per logical client — the
 project's own client, sessions and retries included — or, for the latency workload, one blocking
 `Client`.  All processes start at one `time.monotonic()` instant (the clock is system-wide on
@@ -65,6 +66,8 @@ class LoadSpec:
     def nprocs(self) -> int:
         if self.procs:
             return max(1, min(self.procs, self.clients))
+        if self.kind == "batch":
+            return min(2, self.clients)  # a few large requests in flight: up to two processes
         if self.kind == "latency" or self.clients < 64:
             return 1
         return min(4, max(2, self.clients // 64))

@@ -90,9 +90,8 @@ def run(rounds: int = 4, seconds: float = _FULL.concurrency_s, clients: int = 64
     windows: dict[str, list[float]] = {"transfer": [], "batch": []}
 
     def window(seeds: str, kind: str, label: str) -> float:
-        n, b, procs = (batch_clients, batch, min(2, batch_clients)) if kind == "batch" \
-            else (clients, 1, None)
-        ls = LoadSpec(label, kind, seeds, clients=n, batch=b, procs=procs, accounts=accounts,
+        n, b = (batch_clients, batch) if kind == "batch" else (clients, 1)
+        ls = LoadSpec(label, kind, seeds, clients=n, batch=b, accounts=accounts,
                       warmup_s=warmup_s, duration_s=seconds)
         progress.begin(label)
         res = run_load(ls, progress)

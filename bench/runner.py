@@ -292,8 +292,7 @@ def _run_cluster(profile: Profile, spec: ClusterSpec, results: dict, progress) -
         for b in batches:
             measure(f"batched {b:,} transfers/request",
                     LoadSpec(f"batch{b}", "batch", clients=profile.batch_clients, batch=b,
-                             procs=min(2, profile.batch_clients), duration_s=profile.batch_s,
-                             **base))
+                             duration_s=profile.batch_s, **base))
         if detail:
             _detail_workloads(profile, spec, cluster, base, results, progress, measure)
         if failover:
@@ -426,7 +425,6 @@ def _profile_one(profile, spec, cluster, base, what, kind, clients, batch) -> di
             state["proc"] = profiling.start(pid, profile.profile_leader_s, out_path)
 
     ls = LoadSpec(f"profile-{kind}{clients}", kind, clients=clients, batch=batch,
-                  procs=min(2, clients) if kind == "batch" else None,
                   duration_s=profile.profile_leader_s, **base)
     res = run_load(ls, None, during=during, cpu_sampler=lambda: cluster.sample(lead))
     proc = state["proc"]

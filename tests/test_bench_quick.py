@@ -219,6 +219,18 @@ def test_paired_windows_run_against_a_real_echo_server_and_cluster(capsys):
         assert "must be positive" in capsys.readouterr().err
 
 
+def test_load_processes_are_chosen_from_the_workload():
+    from bench.load import LoadSpec
+
+    def procs(kind, clients, given=None):
+        return LoadSpec("x", kind, "127.0.0.1:1", clients=clients, procs=given).nprocs()
+
+    assert [procs("batch", n) for n in (1, 2, 4, 64)] == [1, 2, 2, 2]
+    assert [procs("transfer", n) for n in (8, 63, 64, 128, 256, 1024)] == [1, 1, 2, 2, 4, 4]
+    assert procs("latency", 1) == 1
+    assert (procs("batch", 4, 3), procs("transfer", 2, 8)) == (3, 2)  # given, at most one each
+
+
 def test_a_mode_is_a_parameter():
     assert set(MODES) >= {"raft", "zk-election"}
     with pytest.raises(ValueError, match="zk-hosts"):
