@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-from . import wire
+from . import codes, wire
 from .codes import (Code, OutcomeUnknown, ProtocolError, RaftpayError, RequestRejected,
                     Unavailable)
 from .ledger import ACCOUNT_FLAG_NAMES, TRANSFER_FLAG_NAMES, events_as_rows
@@ -167,7 +167,7 @@ class _Core:
                     if seq is not None:
                         self._outstanding.discard(seq)
                     return rb
-                last_problem = f"{target}: {_code_name(code)} {rb.get('message', '')}".strip()
+                last_problem = f"{target}: {codes.name(code)} {rb.get('message', '')}".strip()
                 if code == Code.NOT_LEADER and not addr:
                     redirects += 1
                     self.leader = rb.get("leader")
@@ -215,19 +215,23 @@ _CODE_OF = {c.value: c for c in Code}
 
 
 def _results(rb: dict) -> list[Code]:
-    """A submit reply's results as `Code`s."""
-    results = rb["results"]
+    """A submit reply's results as `Code`s.  A value this client does not know (a newer
+    server's code, or not a code at all) raises `ProtocolError`, inside the client's exception
+    tree: the server did answer, so the request is over and a retry with the same ids is safe
+    (an applied transfer answers `exists`)."""
+    results = rb.get("results")
     try:
         return list(map(_CODE_OF.__getitem__, results))
-    except (KeyError, TypeError):  # a value this client does not know fails as `Code()` does
-        return [Code(c) for c in results]
-
-
-def _code_name(code) -> str:
-    try:
-        return Code(code).name.lower()
-    except (ValueError, TypeError):
-        return f"code {code!r}"
+    except (KeyError, TypeError):
+        pass
+    if isinstance(results, list):
+        where = next((f"{c!r} for event {i}" for i, c in enumerate(results)
+                      if type(c) is not int or c not in _CODE_OF), repr(results))
+    else:
+        where = f"{results!r} instead of a list"
+    raise ProtocolError(f"submit: result {where} is not a code this client knows (a newer "
+                        f"server?); the request was answered, so retrying it with the same ids "
+                        f"is safe and answers again")
 
 
 # --- Request builders shared by both clients ------------------------------------------------------

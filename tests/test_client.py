@@ -3,11 +3,13 @@ attempts, and what it concludes — driven by hand, no sockets and no sleeping."
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from raftpay import client as rc
 from raftpay import wire
-from raftpay.codes import Code, OutcomeUnknown
+from raftpay.codes import Code, OutcomeUnknown, RequestRejected, Unavailable
 
 
 def _reply(step: rc._Send, code: int, **fields) -> wire.Envelope:
@@ -211,7 +213,29 @@ def test_submit_answers_a_code_member_per_event_and_refuses_an_unknown_code():
     out = _Api().submit(events)
     assert out == [Code.OK, Code.EXISTS] * 4000
     assert all(type(c) is Code for c in out)  # members, not the ints of the reply
-    for bad in (65535, "ok", [0]):
+    for bad, named in ((65535, "65535 for event 1"), ("ok", "'ok' for event 1"),
+                       ([0], "[0] for event 1"), (None, "None for event 1")):
         results["codes"] = [0, bad]
-        with pytest.raises(ValueError):
+        with pytest.raises(rc.ProtocolError, match=re.escape(named) + ".*same ids is safe"):
             _Api().submit(events[:2])
+    for bad in (None, 7, {"0": 0}):
+        results["codes"] = bad
+        with pytest.raises(rc.ProtocolError, match="instead of a list"):
+            _Api().submit(events[:2])
+
+
+def test_a_refusal_names_its_code_even_one_this_client_does_not_know():
+    for code, named in ((Code.INVALID_REQUEST, "invalid_request: bad"),
+                        (4242, "code_4242: bad")):
+        gen = _core().call("submit", {"events": []})
+        step = next(gen)
+        with pytest.raises(RequestRejected, match=named) as refused:
+            gen.send(_reply(step, code, message="bad"))
+        assert refused.value.code == code
+    # and the last problem an `Unavailable` reports, for codes it retries
+    gen = _core(timeout_s=0.05).call("lookup_accounts", {"ids": [1]})
+    step = next(gen)
+    with pytest.raises(Unavailable, match=r"127\.0\.0\.1:\d: no_leader election"):
+        while True:
+            step = (gen.send(None) if isinstance(step, rc._Sleep)
+                    else gen.send(_reply(step, Code.NO_LEADER, message="election")))
