@@ -58,6 +58,9 @@ def _run_client(fn):
     except codes.RequestRejected as e:
         click.echo(f"rejected: {e}", err=True)
         sys.exit(EXIT_REJECTED)
+    except codes.ProtocolError as e:  # answered, but not in a way this client can read
+        click.echo(f"outcome unknown, the reply was not understood: {e}", err=True)
+        sys.exit(EXIT_UNKNOWN)
 
 
 def _id(text: str):

@@ -239,3 +239,41 @@ def test_a_refusal_names_its_code_even_one_this_client_does_not_know():
         while True:
             step = (gen.send(None) if isinstance(step, rc._Sleep)
                     else gen.send(_reply(step, Code.NO_LEADER, message="election")))
+
+
+def test_the_cli_says_outcome_unknown_for_a_reply_it_cannot_read():
+    """A node cannot be made to answer a code this client does not know, so a loopback
+    stand-in answers every request with one (a newer server's, say)."""
+    import socket
+    import threading
+
+    from click.testing import CliRunner
+
+    from raftpay.cli import EXIT_UNKNOWN, main
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    addr = "127.0.0.1:%d" % srv.getsockname()[1]
+
+    def serve():
+        conn, _ = srv.accept()
+        with conn:
+            while True:
+                try:
+                    env = wire.decode(wire.recv_frame(conn, wire.MAX_FRAME_BYTES, 10))
+                except Exception:  # the client hung up
+                    return
+                fields = ({"session": 1} if env.type == "register_session"
+                          else {"results": [65535]})
+                conn.sendall(wire.reply(env.id, Code.OK, **fields))
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        r = CliRunner().invoke(main, ["transfer", "--cluster", addr, "--id", "t1", "--from",
+                                      "a", "--to", "b", "--amount", "1", "--currency", "978"])
+    finally:
+        t.join(10)
+        srv.close()
+    assert r.exit_code == EXIT_UNKNOWN, r.output
+    assert "not understood" in r.output and "65535 for event 0" in r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)
