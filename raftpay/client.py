@@ -145,8 +145,16 @@ class _Core:
             if remaining <= 0:
                 break
             rid = next(self._rids) & wire.U64_MAX
-            outcome = yield _Send(target, wire.encode(kind, rid, send_body), rid,
-                                  min(self.attempt_timeout_s, remaining))
+            try:
+                frame = wire.encode(kind, rid, send_body)
+            except Exception:
+                # Misuse (a value the protocol cannot carry, a frame over the limit): raised to
+                # the caller before anything was sent, so the request gives its seq back; held,
+                # it would pin the session's ack and the stored replies behind it for good.
+                if seq is not None:
+                    self._outstanding.discard(seq)
+                raise
+            outcome = yield _Send(target, frame, rid, min(self.attempt_timeout_s, remaining))
             retry_now = False
             if isinstance(outcome, _Failed):
                 if self.leader == target:

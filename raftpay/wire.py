@@ -120,7 +120,12 @@ def encode(type: str, id: int, body: dict[str, Any], max_bytes: int = MAX_FRAME_
         raise ValueError(f"id must be an int in 0..2**64-1, got {id!r}")
     if not isinstance(body, dict):
         raise TypeError(f"body must be a dict, got {_kind(body)}")
-    payload = msgpack.packb({"v": VERSION, "type": type, "id": id, "body": body}, use_bin_type=True)
+    try:
+        payload = msgpack.packb({"v": VERSION, "type": type, "id": id, "body": body},
+                                use_bin_type=True)
+    except OverflowError as e:
+        raise ValueError(f"{type} body holds an integer outside -2**63..2**64-1, which the "
+                         f"protocol cannot carry ({e})") from None
     limit = min(max_bytes, MAX_PREFIX_VALUE)
     if len(payload) > limit:
         raise FrameTooLarge(f"{type} frame of {len(payload)} bytes exceeds the limit of {limit}")

@@ -64,6 +64,27 @@ def test_a_write_whose_reply_is_lost_ends_outcome_unknown():
                 step = gen.send(rc._Failed(ConnectionResetError(), sent=True))
 
 
+
+def test_a_request_refused_before_sending_gives_its_seq_back():
+    """A value the protocol cannot carry raises at once, names the problem, and does not keep
+    a session seq outstanding (which would hold the session's ack below it for good)."""
+    core = _core(use_session=True)
+    core.session = 7
+    good = {"events": [{"op": "create_account", "id": 1}]}
+    gen = core.call("submit", good)
+    step = next(gen)
+    held = core._outstanding.copy()
+    assert len(held) == 1
+    for bad in ({"events": [{"op": "create_transfer", "amount": 2 ** 64}]},
+                {"events": [{"op": "create_account", "id": 1, "user_data": {1, 2}}]}):
+        with pytest.raises((ValueError, TypeError), match="outside -2|serialize"):
+            next(core.call("submit", bad))
+        assert core._outstanding == held  # only the good request, still in flight
+    with pytest.raises(StopIteration):
+        gen.send(_reply(step, Code.OK, results=[0]))
+    assert not core._outstanding
+
+
 # --- the async client's connection (`_AsyncConn`), over a recording transport ------------------
 
 class _Transport:

@@ -89,6 +89,9 @@ def test_encode_refuses_misuse_and_oversized_frames():
         wire.encode("ping", 2**64, {})
     with pytest.raises(TypeError):
         wire.encode("ping", 1, [])
+    for big in (2**64, -2**63 - 1):
+        with pytest.raises(ValueError, match=r"submit body holds an integer outside"):
+            wire.encode("submit", 1, {"events": [{"amount": big}]})
     with pytest.raises(FrameTooLarge):
         wire.encode("submit", 1, {"events": [{"blob": b"x" * 2000}]}, max_bytes=1000)
 
