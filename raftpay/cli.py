@@ -61,6 +61,9 @@ def _run_client(fn):
     except codes.ProtocolError as e:  # answered, but not in a way this client can read
         click.echo(f"outcome unknown, the reply was not understood: {e}", err=True)
         sys.exit(EXIT_UNKNOWN)
+    except ValueError as e:  # refused by the client before sending (e.g. an int over 2**64-1)
+        click.echo(f"invalid input: {e}", err=True)
+        sys.exit(EXIT_USAGE)
 
 
 def _id(text: str):

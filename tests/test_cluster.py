@@ -456,3 +456,16 @@ def test_cli_flow(cluster):
     assert r.stdout.count("±") == 3  # each node's clock offset and bound
     r = run("status", "--cluster", "127.0.0.1:1")
     assert r.returncode == 3
+    # Numbers the protocol cannot carry: a usage error that says why, not a traceback.
+    for args in (("transfer", "--id", "cli-t3", "--from", "cli-a", "--to", "cli-b", "--amount",
+                  str(2 ** 64), "--currency", "978"),
+                 ("transfer", "--id", str(2 ** 64), "--from", "cli-a", "--to", "cli-b",
+                  "--amount", "1", "--currency", "978"),
+                 ("account", "create", str(2 ** 65), "--currency", "978"),
+                 ("account", "show", str(2 ** 65)),
+                 ("history", str(2 ** 65))):
+        r = run(*args)
+        assert r.returncode == 2 and "outside -2**63..2**64-1" in r.stderr, (args, r.stderr)
+        assert "Traceback" not in r.stderr
+    r = run("account", "show", "cli-a")
+    assert r.returncode == 0 and "debits posted 42" in r.stdout  # nothing else moved
