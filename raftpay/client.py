@@ -27,7 +27,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from . import codes, wire
 from .codes import (Code, OutcomeUnknown, ProtocolError, RaftpayError, RequestRejected,
@@ -48,8 +48,7 @@ def parse_seeds(seeds: str | Sequence[str] | None) -> list[str]:
         seeds = [s.strip() for s in seeds.split(",")]
     out = [s for s in seeds if s]
     for s in out:
-        host, _, port = s.rpartition(":")
-        if not host or not port.isdigit():
+        if not _is_host_port(s):
             raise ValueError(f"seed {s!r} is not host:port")
     if not out:
         raise ValueError(f"no cluster address given (pass seeds or set {CLUSTER_ENV})")
@@ -178,7 +177,8 @@ class _Core:
                 last_problem = f"{target}: {codes.name(code)} {rb.get('message', '')}".strip()
                 if code == Code.NOT_LEADER and not addr:
                     redirects += 1
-                    self.leader = rb.get("leader")
+                    hint = rb.get("leader")  # a bad hint is no hint: a seed is tried instead
+                    self.leader = hint if isinstance(hint, str) and _is_host_port(hint) else None
                     retry_now = redirects <= self.max_redirects and self.leader is not None
                     if not retry_now:
                         redirects = 0
@@ -262,7 +262,7 @@ class _Api:
 
     def create_accounts(self, accounts: list[dict]):
         """Each account: {id, currency, flags?, user_data?}.  Flags may be names."""
-        return self.submit([_account_event(a) for a in accounts])
+        return self.submit([_account_event(a) for a in _items("create_accounts", accounts)])
 
     def create_account(self, id, currency: int, flags=None, user_data: int = 0):
         return self._map(self.create_accounts([{"id": id, "currency": currency, "flags": flags,
@@ -271,7 +271,7 @@ class _Api:
     def create_transfers(self, transfers: list[dict]):
         """Each transfer: {id, debit_account_id, credit_account_id, amount, currency, flags?,
         user_data?, pending_id?, timeout_ms?}.  Flags may be names."""
-        return self.submit([_transfer_event(t) for t in transfers])
+        return self.submit([_transfer_event(t) for t in _items("create_transfers", transfers)])
 
     def transfer(self, id, debit_account_id, credit_account_id, amount: int, currency: int,
                  flags=None, **fields):
@@ -314,6 +314,8 @@ class _Api:
         """The status of one node (the given address, else whichever answers).  `state_hash`
         adds the ledger's hash, which costs the node a full serialisation of its state."""
         body = {"state_hash": True} if state_hash else {}
+        if addr is not None and not (isinstance(addr, str) and _is_host_port(addr)):
+            raise ValueError(f"status: address {addr!r} is not host:port")
         return self._map(self._call("status", body, addr=addr), lambda rb: rb["status"])
 
 
@@ -322,6 +324,23 @@ def _read_body(body: dict, consistency: str, min_version: int) -> dict:
     if min_version:
         body["min_version"] = min_version
     return body
+
+
+def _is_host_port(addr: str) -> bool:
+    host, _, port = addr.rpartition(":")
+    return bool(host) and port.isdigit()
+
+
+def _items(what: str, items) -> list:
+    """The events of a batch call, refused with a clear TypeError unless a list (or other
+    iterable, not a mapping or string) of dicts; nothing is sent."""
+    if isinstance(items, (str, bytes, dict)) or not hasattr(items, "__iter__"):
+        raise TypeError(f"{what} takes a list of dicts, got {type(items).__name__}")
+    items = list(items)
+    for i, item in enumerate(items):
+        if type(item) is not dict and not isinstance(item, Mapping):
+            raise TypeError(f"{what}: item {i} is {type(item).__name__}, not a dict of fields")
+    return items
 
 
 def _account_event(a: dict) -> dict:

@@ -53,6 +53,21 @@ def test_a_redirect_is_followed_at_once_and_remembered():
     assert done.value.value["accounts"] == [None] and core.leader == leader
 
 
+def test_a_redirect_to_a_malformed_address_is_not_followed():
+    core = _core()
+    gen = core.call("lookup_accounts", {"ids": ["a"], "consistency": "linearizable"})
+    step = next(gen)
+    for bad in ("nonsense", 7, None, "host:", ":1"):
+        while isinstance(step, rc._Sleep):
+            step = gen.send(None)
+        step = gen.send(_reply(step, Code.NOT_LEADER, leader=bad))
+        assert core.leader is None
+        while isinstance(step, rc._Sleep):
+            step = gen.send(None)
+        assert step.addr in core.seeds  # a seed, not the bad hint
+    gen.close()
+
+
 def test_a_write_whose_reply_is_lost_ends_outcome_unknown():
     gen = _core(timeout_s=0.05).call("submit", {"events": [{"op": "create_account"}]})
     step = next(gen)
@@ -298,3 +313,30 @@ def test_the_cli_says_outcome_unknown_for_a_reply_it_cannot_read():
     assert r.exit_code == EXIT_UNKNOWN, r.output
     assert "not understood" in r.output and "65535 for event 0" in r.output
     assert r.exception is None or isinstance(r.exception, SystemExit)
+
+
+def test_batch_calls_refuse_what_is_not_a_list_of_dicts_before_sending():
+    sent = []
+
+    class _Api(rc._Api):
+        def _call(self, kind, body, addr=None):
+            sent.append((kind, body))
+            return {"code": 0, "results": [0] * len(body.get("events") or body["rows"])}
+
+        def _map(self, value, fn):
+            return fn(value)
+
+    api = _Api()
+    for call in (api.create_accounts, api.create_transfers):
+        name = call.__name__
+        for bad, words in (({"id": 1}, "takes a list of dicts, got dict"),
+                           ("abc", "takes a list of dicts, got str"), (7, "got int"),
+                           ([{"id": 1}, None], "item 1 is NoneType, not a dict"),
+                           ([1], "item 0 is int")):
+            with pytest.raises(TypeError, match=f"{name}.*{words}"):
+                call(bad)
+    assert sent == []  # nothing went out
+    assert api.create_accounts(({"id": i, "currency": 1} for i in (1, 2))) == [Code.OK] * 2
+    with pytest.raises(ValueError, match="status: address 'nonsense' is not host:port"):
+        api.status(addr="nonsense")
+    assert len(sent) == 1
