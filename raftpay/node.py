@@ -128,6 +128,36 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+#: Held locked (flock) by the node using a data dir, with its pid inside for the message.
+LOCK_FILE = "LOCK"
+
+
+def lock_data_dir(data_dir: str) -> int:
+    """Take `data_dir` for this process: an exclusive, non-blocking flock on its LOCK file,
+    held until the returned fd is closed (or the process dies, kill -9 included: the kernel
+    drops it).  Two nodes on one data dir would append to one journal and each remove the
+    other's snapshot files; the second is refused with `FatalNodeError` naming the holder.
+    A forked snapshot writer shares the lock; it is the same node.  Blocks on nothing."""
+    import fcntl
+    path = os.path.join(data_dir, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        try:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        except OSError:
+            holder = "unknown"
+        os.close(fd)
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise FatalNodeError(f"cannot lock data dir {data_dir}: {e!r}") from None
+        raise FatalNodeError(f"data dir {data_dir} is in use by another node (pid {holder}); "
+                             f"one data dir serves one node at a time") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 def _settle_heap() -> None:
     """Move every object alive now out of the garbage collector's reach (`gc.freeze`), after a
     ledger was made or restored.
@@ -2035,6 +2065,7 @@ class Node:
         self.raft_addr = raft_addr
         self.peers = dict(peers)
         self.data_dir = data_dir
+        self._dir_lock = -1  # fd of the data dir's LOCK while started (`lock_data_dir`)
         self.fsync = fsync
         self._secret = secret
         self._election_timeout_s = election_timeout_ms / 1000
@@ -2121,9 +2152,24 @@ class Node:
         Without `loop` the node runs its own Raft thread.  With an asyncio `loop` (call this on
         that loop's thread) the Raft group's sockets join the loop's selector and every tick runs
         on the loop's thread, as do all callbacks: no GIL hand-over on the commit path."""
-        if self._so is not None:
+        if self._so is not None or self._dir_lock >= 0:
             raise RuntimeError("a Node starts once; create a new one to restart")
         os.makedirs(self.data_dir, exist_ok=True)
+        # Before touching any file in it: the holder's writer files are removed just below.
+        self._dir_lock = lock_data_dir(self.data_dir)
+        try:
+            self._start(loop)
+        except BaseException:
+            if self._so is None:  # else `_shutdown_raft` released it
+                self._release_dir()
+            raise
+
+    def _release_dir(self) -> None:
+        fd, self._dir_lock = self._dir_lock, -2  # -2: released; the node does not start again
+        if fd >= 0:
+            os.close(fd)
+
+    def _start(self, loop) -> None:
         for name in os.listdir(self.data_dir):
             if name.startswith(SNAPSHOT_WRITING_PREFIX):  # a writer's file; a crash left it
                 _remove_quietly(os.path.join(self.data_dir, name))
@@ -2464,6 +2510,7 @@ class Node:
             for fd in fds:
                 if fd >= 0:
                     os.close(fd)
+            self._release_dir()
             self._closed.set()
 
     def _answer_inboxes(self) -> None:

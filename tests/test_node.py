@@ -244,6 +244,37 @@ def test_taken_port_fails_start(tmp_path):
         s.close()
 
 
+def test_a_data_dir_serves_one_node_at_a_time(cluster, tmp_path):
+    """A second node on a data dir in use is refused before it touches a file or binds its
+    port; once the first stops, the dir is free again.  (Two nodes on one dir would append to
+    one journal and remove each other's snapshot files.)"""
+    c = cluster(ids=("a",)).start()
+    a = c.nodes["a"]
+    assert wait_for(lambda: a.is_leader(), what="single node leads")
+    assert propose(a, {"type": "register_session"})[0] == Code.OK
+    d = tmp_path / "a"
+    writing = d / (rn.SNAPSHOT_WRITING_PREFIX + "1.1")  # what a start removes when it may
+    writing.write_bytes(b"a writer's file")
+    before = {f.name: f.read_bytes() for f in d.iterdir() if f.is_file()}
+    addr = free_addr()
+    second = Node("a", addr, {}, str(d))
+    with pytest.raises(rn.FatalNodeError, match=f"in use by another node \\(pid {os.getpid()}\\)"):
+        second.start()
+    assert {f.name: f.read_bytes() for f in d.iterdir() if f.is_file()} == before
+    host, port = addr.rsplit(":", 1)
+    with socket.socket() as s:  # never bound
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, int(port)))
+    c.stop()
+    again = Node("a", addr, {}, str(d))
+    again.start()
+    try:
+        assert wait_for(lambda: again.is_leader(), what="the dir's next node leads")
+        assert not writing.exists()  # its start cleaned up, as the first one's would have
+    finally:
+        again.stop()
+
+
 def test_broken_snapshot_fails_start(tmp_path):
     d = tmp_path / "a"
     d.mkdir()
