@@ -14,11 +14,13 @@ Exit codes are for scripts: 0 success; 1 the ledger refused an event (its code i
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -131,6 +133,23 @@ def node_start(config_path: str) -> None:
         sys.exit(EXIT_REFUSED)
 
 
+class PortsInUse(RuntimeError):
+    """A port a local cluster's node needs is taken (by another cluster, most likely)."""
+
+
+def _port_taken(addr: str) -> bool:
+    """True if nothing could listen on `addr` now (another process does).  SO_REUSEADDR as the
+    node's own listeners have, so a port left in TIME_WAIT by a stopped node counts as free."""
+    host, _, port = addr.rpartition(":")
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, int(port)))
+        except OSError as e:
+            return e.errno == errno.EADDRINUSE
+    return False
+
+
 class LocalCluster:
     """N node processes on loopback, for `up`, `demo`, tests and benchmarks.
 
@@ -174,10 +193,18 @@ class LocalCluster:
               prefix: dict[str, list[str]] | None = None) -> None:
         """Start every node (or one).  `env` adds environment variables per node id (the test
         hooks, e.g. RAFTPAY_CLOCK_SKEW_MS); `prefix` wraps a node's command (e.g.
-        `ip netns exec NS`)."""
-        for cfg, path in zip(self.configs, self.paths):
-            if node_id and cfg.node.id != node_id:
-                continue
+        `ip netns exec NS`).  Raises `PortsInUse`, starting nothing, if a port of theirs is
+        taken: a node would fail to bind it, and a client would find the cluster holding it."""
+        starting = [(cfg, path) for cfg, path in zip(self.configs, self.paths)
+                    if not node_id or cfg.node.id == node_id]
+        taken = [f"{addr} ({cfg.node.id} {kind})" for cfg, _ in starting
+                 for kind, addr in (("raft", cfg.node.raft_addr),
+                                    ("client", cfg.node.client_addr))
+                 if not (prefix or {}).get(cfg.node.id) and _port_taken(addr)]
+        if taken:
+            raise PortsInUse(f"{', '.join(taken)} in use: another cluster on these ports? "
+                             f"Stop it, or pick another --base-port")
+        for cfg, path in starting:
             log = open(self.log_path(cfg.node.id), "ab")
             self.procs[cfg.node.id] = subprocess.Popen(
                 [*(prefix or {}).get(cfg.node.id, []), sys.executable, "-m", "raftpay", "-v",
@@ -257,7 +284,7 @@ def up(nodes: int, data_dir: str, base_port: int, fsync: str) -> None:
     from .config import RaftConfig
     secret = _existing_secret(data_dir)
     cluster = LocalCluster(nodes, data_dir, base_port, secret, raft=RaftConfig(fsync=fsync))
-    cluster.start()
+    _start_or_exit(cluster)
     try:
         leader = cluster.wait_for_leader()
         click.echo(f"raftpay: {nodes} nodes up; leader at {leader}")
@@ -268,11 +295,25 @@ def up(nodes: int, data_dir: str, base_port: int, fsync: str) -> None:
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         while all(p.poll() is None for p in cluster.procs.values()):
             time.sleep(0.5)
-        click.echo("a node exited; stopping the cluster", err=True)
+        for node_id, p in cluster.procs.items():
+            if p.poll() is not None:
+                click.echo(f"node {node_id} exited with code {p.returncode} (its log: "
+                           f"{cluster.log_path(node_id)}); stopping the cluster", err=True)
+        cluster.stop()
+        sys.exit(EXIT_REFUSED)
     except KeyboardInterrupt:
         click.echo("\nstopping...")
     finally:
         cluster.stop()
+
+
+def _start_or_exit(cluster: "LocalCluster") -> None:
+    try:
+        cluster.start()
+    except PortsInUse as e:
+        click.echo(f"not starting: {e}", err=True)
+        cluster.close()
+        sys.exit(EXIT_USAGE)
 
 
 def _existing_secret(data_dir: str) -> str | None:
@@ -296,7 +337,7 @@ def demo(nodes: int, base_port: int) -> None:
     twice), and reads the balances, then stops the cluster."""
     from .client import Client
     with LocalCluster(nodes, None, base_port) as cluster:
-        cluster.start()
+        _start_or_exit(cluster)
         click.echo(f"starting {nodes} nodes on loopback...")
         leader = cluster.wait_for_leader()
         click.echo(f"leader elected: {leader}\n")

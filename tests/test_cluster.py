@@ -297,6 +297,42 @@ def test_random_requests_are_all_answered_and_no_node_dies(tmp_path):
         c.close()
 
 
+def test_a_second_node_on_a_data_dir_in_use_is_refused(cluster):
+    """`raftpay node start` with a running node's config: refused before it touches the data
+    dir (a second writer of one journal), naming the node that holds it; the cluster serves."""
+    cfg, path = cluster.configs[0], cluster.paths[0]
+    r = subprocess.run([sys.executable, "-m", "raftpay", "node", "start", "--config", path],
+                       capture_output=True, text=True, timeout=60)
+    holder = cluster.procs[cfg.node.id].pid
+    assert r.returncode == 1, r.stderr
+    assert f"data dir {cfg.node.data_dir} is in use by another node (pid {holder})" in r.stderr
+    assert ping(cfg.node.client_addr)
+    with Client(cluster.seeds) as c:
+        assert c.create_accounts([{"id": "lock-a", "currency": 1}]) == [Code.OK]
+
+
+def test_a_local_cluster_on_taken_ports_starts_nothing(cluster, tmp_path):
+    """Another local cluster on the ports of a running one would fail to bind them and, worse,
+    find the running one's leader and report it as its own (`raftpay demo` then paid into it).
+    It refuses to start instead; the CLI says why and exits 2."""
+    from raftpay.cli import LocalCluster, PortsInUse
+    ports = [(int(c.node.raft_addr.rsplit(":", 1)[1]), int(c.node.client_addr.rsplit(":", 1)[1]))
+             for c in cluster.configs]
+    other = LocalCluster(3, str(tmp_path / "other"), 0, ports=ports)
+    with pytest.raises(PortsInUse, match=f"{cluster.configs[0].node.raft_addr} \\(n1 raft\\)"):
+        other.start()
+    assert other.procs == {}
+    with socket.socket() as held:  # the CLI's path, on one port held here
+        held.bind(("127.0.0.1", 0))
+        held.listen(1)
+        base = held.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "raftpay", "demo", "--base-port", str(base)],
+                           capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"127.0.0.1:{base} (n1 raft)" in r.stderr and "pick another --base-port" in r.stderr
+    assert "alice" not in r.stdout
+
+
 def test_bad_config_refuses_to_start(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('[node]\nid = "n1"\nraft_addr = "0.0.0.0:7001"\nclient_addr = "127.0.0.1:1"\n'
