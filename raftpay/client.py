@@ -102,6 +102,14 @@ class _Core:
     def __init__(self, seeds, *, timeout_s: float, max_redirects: int, attempt_timeout_s: float,
                  use_session: bool):
         self.seeds = parse_seeds(seeds)
+        for name, value in (("timeout_s", timeout_s), ("attempt_timeout_s", attempt_timeout_s)):
+            # NaN passes `> 0` as False but also every deadline test: a call would never end.
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                    and 0 < value < float("inf")):
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        if not (isinstance(max_redirects, int) and not isinstance(max_redirects, bool)
+                and max_redirects >= 0):
+            raise ValueError(f"max_redirects must be an int >= 0, got {max_redirects!r}")
         self.timeout_s = timeout_s
         self.max_redirects = max_redirects
         self.attempt_timeout_s = attempt_timeout_s

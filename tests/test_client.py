@@ -22,6 +22,20 @@ def _core(**kw) -> rc._Core:
     return rc._Core("127.0.0.1:1,127.0.0.1:2,127.0.0.1:3", **args)
 
 
+def test_a_client_refuses_timeouts_that_could_never_end_or_never_start():
+    for kw, words in (({"timeout_s": float("nan")}, "timeout_s must be a positive"),
+                      ({"timeout_s": 0}, "timeout_s"), ({"timeout_s": -1}, "timeout_s"),
+                      ({"timeout_s": "10"}, "timeout_s"), ({"timeout_s": float("inf")}, "got inf"),
+                      ({"attempt_timeout_s": float("nan")}, "attempt_timeout_s"),
+                      ({"max_redirects": -1}, "max_redirects must be an int >= 0"),
+                      ({"max_redirects": 1.5}, "max_redirects")):
+        with pytest.raises(ValueError, match=words):
+            _core(**kw)
+        with pytest.raises(ValueError, match=words):
+            rc.Client("127.0.0.1:1", **kw)
+    assert _core(timeout_s=0.5, attempt_timeout_s=1, max_redirects=0).timeout_s == 0.5
+
+
 def test_pauses_during_an_election_stay_short():
     """While no node knows a leader every answer is no_leader.  The pauses grow, but never past
     MAX_BACKOFF_S plus half of it, so a client is back within ~0.15 s of a new leader."""
