@@ -124,11 +124,20 @@ def node_start(config_path: str) -> None:
         return
     from .node import FatalNodeError
     from .server import serve
+    ready = []
     try:
-        asyncio.run(serve(cfg))
+        asyncio.run(serve(cfg, on_ready=ready.append))
     except FatalNodeError as e:
         # Only a start raises it (a node that fails later stops Raft and says why in its
-        # status): a data dir it cannot trust, a snapshot that does not load.
+        # status): a data dir it cannot trust or that another node holds, a snapshot that does
+        # not load.
+        click.echo(f"refusing to start: {e}", err=True)
+        sys.exit(EXIT_REFUSED)
+    except OSError as e:
+        if ready:
+            raise
+        # What the machine refuses before the node serves: a port another process holds, a
+        # data dir that is a file or cannot be made.
         click.echo(f"refusing to start: {e}", err=True)
         sys.exit(EXIT_REFUSED)
 

@@ -319,6 +319,18 @@ if _PYSYNCOBJ_VERSION != PYSYNCOBJ_VERSION:  # fail at import, not with a subtle
         f"raftpay.node is written against pysyncobj=={PYSYNCOBJ_VERSION}, found "
         f"{_PYSYNCOBJ_VERSION}; review the adapter and run tests/test_raft_adapter.py")
 
+
+class _QuietBindFailure(logging.Filter):
+    """Upstream logs "failed to perform initialization" with a traceback when its port is
+    taken, then raises SyncObjException("BindError"); `Node.start` turns that into one OSError
+    that says what happened, so upstream's traceback is only noise on an operator's terminal."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != "failed to perform initialization"
+
+
+logging.getLogger("pysyncobj.syncobj").addFilter(_QuietBindFailure())
+
 #: The first byte of our log entries.  Upstream's own types are 0..3; an entry of a type it does
 #: not know is skipped by its apply, so a raftpay entry can never reach upstream's unpickling path.
 ENTRY_LEDGER = b"R"
@@ -2184,15 +2196,22 @@ class Node:
         if loop is not None:
             self._loop = loop
             self._loop_thread_id = threading.get_ident()
+        journal = os.path.join(self.data_dir, JOURNAL_FILE)
+        new_files = [p for p in (journal, journal + ".meta") if not os.path.exists(p)]
         try:
-            so = _RaftpaySyncObj(self, self.raft_addr, list(self.peers.values()), conf,
-                                 os.path.join(self.data_dir, JOURNAL_FILE),
+            so = _RaftpaySyncObj(self, self.raft_addr, list(self.peers.values()), conf, journal,
                                  fsync=self.fsync == "always",
                                  poller=(_LoopPoller(loop, self._schedule_tick, self._set_fatal)
                                          if loop else None),
                                  compaction_bytes=self._compaction_bytes)
         except pysyncobj.SyncObjException as e:
-            raise OSError(f"cannot bind Raft address {self.raft_addr}: {e}") from None
+            # Upstream creates the journal before it binds.  A first start that cannot bind
+            # leaves the dir as it found it: an empty journal without its term/vote file would
+            # make every later start refuse (`_rp_check_meta`).
+            for path in new_files:
+                _remove_quietly(path)
+            raise OSError(f"cannot bind Raft address {self.raft_addr} (another process holds "
+                          f"it?): {e}") from None
         self._so = so
         so.addOnTickCallback(self._on_tick)
         if loop is None:

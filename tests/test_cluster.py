@@ -311,6 +311,29 @@ def test_a_second_node_on_a_data_dir_in_use_is_refused(cluster):
         assert c.create_accounts([{"id": "lock-a", "currency": 1}]) == [Code.OK]
 
 
+def test_what_the_machine_refuses_at_start_is_said_in_one_line(cluster, tmp_path):
+    """A port another process holds, a data dir that is a file: `node start` says so and exits
+    1, no traceback; the port case leaves its data dir fit for the next start."""
+    import dataclasses
+
+    from raftpay.config import dump_toml
+    cfg = cluster.configs[0]
+    (tmp_path / "afile").write_text("")
+    cases = (("port", str(tmp_path / "fresh"), "cannot bind Raft address"),
+             ("file", str(tmp_path / "afile"), "File exists"))
+    for name, data_dir, words in cases:
+        other = dataclasses.replace(cfg, node=dataclasses.replace(cfg.node, data_dir=data_dir))
+        path = tmp_path / f"{name}.toml"
+        path.write_text(dump_toml(other))
+        r = subprocess.run([sys.executable, "-m", "raftpay", "node", "start", "--config",
+                            str(path)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1, (name, r.stderr)
+        assert "refusing to start:" in r.stderr and words in r.stderr, (name, r.stderr)
+        assert "Traceback" not in r.stderr, (name, r.stderr)
+    assert not os.path.exists(os.path.join(str(tmp_path / "fresh"), "raft.journal"))
+    assert ping(cfg.node.client_addr)
+
+
 def test_a_local_cluster_on_taken_ports_starts_nothing(cluster, tmp_path):
     """Another local cluster on the ports of a running one would fail to bind them and, worse,
     find the running one's leader and report it as its own (`raftpay demo` then paid into it).

@@ -237,11 +237,21 @@ def test_taken_port_fails_start(tmp_path):
     s.bind(("127.0.0.1", 0))
     s.listen(1)
     try:
-        n = Node("a", "127.0.0.1:%d" % s.getsockname()[1], {}, str(tmp_path / "a"))
-        with pytest.raises(OSError):
+        addr = "127.0.0.1:%d" % s.getsockname()[1]
+        n = Node("a", addr, {}, str(tmp_path / "a"))
+        with pytest.raises(OSError, match="cannot bind Raft address .*another process holds"):
             n.start()
     finally:
         s.close()
+    # The dir is as the failed start found it, so the node starts once the port is free (a
+    # journal left without its term/vote file would have made every later start refuse).
+    assert not (tmp_path / "a" / rn.JOURNAL_FILE).exists()
+    n = Node("a", addr, {}, str(tmp_path / "a"))
+    n.start()
+    try:
+        assert wait_for(lambda: n.is_leader(), what="the node leads once the port is free")
+    finally:
+        n.stop()
 
 
 def test_a_data_dir_serves_one_node_at_a_time(cluster, tmp_path):
