@@ -2177,7 +2177,7 @@ class Node:
             raise
 
     def _release_dir(self) -> None:
-        fd, self._dir_lock = self._dir_lock, -2  # -2: released; the node does not start again
+        fd, self._dir_lock = self._dir_lock, -2  # -2: taken once and released
         if fd >= 0:
             os.close(fd)
 
