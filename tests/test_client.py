@@ -219,20 +219,26 @@ def test_a_garbled_reply_stream_fails_the_connection():
     _run(go())
 
 
+class _RecordingApi(rc._Api):
+    """The client's request builders over a transport that records what it is handed and
+    answers `ok` for every event."""
+
+    def __init__(self):
+        self.sent: list[tuple[str, dict]] = []
+
+    def _call(self, kind, body, addr=None):
+        self.sent.append((kind, body))
+        return {"code": 0, "results": [0] * len(body.get("events") or body["rows"])}
+
+    def _map(self, value, fn):
+        return fn(value)
+
+
 def _sent_body(events) -> dict:
     """The body `_Api.submit` hands its transport for `events`."""
-    sent = []
-
-    class _Api(rc._Api):
-        def _call(self, kind, body, addr=None):
-            sent.append((kind, body))
-            return {"code": 0, "results": [0] * len(body.get("events") or body["rows"])}
-
-        def _map(self, value, fn):
-            return fn(value)
-
-    _Api().submit(events)
-    return sent[0][1]
+    api = _RecordingApi()
+    api.submit(events)
+    return api.sent[0][1]
 
 
 def test_a_batch_of_like_events_is_sent_compact_and_others_as_events():
@@ -330,17 +336,8 @@ def test_the_cli_says_outcome_unknown_for_a_reply_it_cannot_read():
 
 
 def test_batch_calls_refuse_what_is_not_a_list_of_dicts_before_sending():
-    sent = []
-
-    class _Api(rc._Api):
-        def _call(self, kind, body, addr=None):
-            sent.append((kind, body))
-            return {"code": 0, "results": [0] * len(body.get("events") or body["rows"])}
-
-        def _map(self, value, fn):
-            return fn(value)
-
-    api = _Api()
+    api = _RecordingApi()
+    sent = api.sent
     for call in (api.create_accounts, api.create_transfers):
         name = call.__name__
         for bad, words in (({"id": 1}, "takes a list of dicts, got dict"),
