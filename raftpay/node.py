@@ -153,8 +153,11 @@ def lock_data_dir(data_dir: str) -> int:
             raise FatalNodeError(f"cannot lock data dir {data_dir}: {e!r}") from None
         raise FatalNodeError(f"data dir {data_dir} is in use by another node (pid {holder}); "
                              f"one data dir serves one node at a time") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:  # the pid only names the holder in a refusal: a full disk must not stop the node
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError:
+        pass
     return fd
 
 
