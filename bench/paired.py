@@ -76,14 +76,19 @@ def summarise(echo_rates: list[float], windows: dict[str, list[float]],
     return out
 
 
+def check_args(rounds, seconds, clients, batch, batch_clients, nodes, accounts) -> None:
+    """ValueError unless every count is positive and there are at least 2 accounts."""
+    if min(rounds, clients, batch, batch_clients, nodes) < 1 or seconds <= 0 or accounts < 2:
+        raise ValueError("rounds, seconds, clients, batch, batch clients and nodes must be "
+                         "positive, and accounts at least 2")
+
+
 def run(rounds: int = 4, seconds: float = _FULL.concurrency_s, clients: int = 64,
         batch: int = 8000, batch_clients: int = _FULL.batch_clients, nodes: int = 3,
         fsync: str = "always", accounts: int = _FULL.accounts, warmup_s: float = _FULL.warmup_s,
         progress: Progress | None = None) -> dict:
     """Run the alternation; returns `summarise(...)` plus what ran."""
-    if min(rounds, clients, batch, batch_clients) < 1 or seconds <= 0 or accounts < 2:
-        raise ValueError("rounds, seconds, clients, batch and batch clients must be positive, "
-                         "and accounts at least 2")
+    check_args(rounds, seconds, clients, batch, batch_clients, nodes, accounts)
     progress = progress or Progress(2 + 3 * rounds, enabled=False)
     spec = ClusterSpec(nodes, fsync)
     echo_rates: list[float] = []
@@ -157,9 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fsync", choices=("always", "never"), default="always")
     p.add_argument("--json", metavar="PATH", help="also write the figures here")
     a = p.parse_args(argv)
-    if min(a.rounds, a.clients, a.batch, a.nodes) < 1 or a.seconds <= 0 or a.accounts < 2:
-        p.error("--rounds, --seconds, --clients, --batch and --nodes must be positive, and "
-                "--accounts at least 2")
+    try:
+        check_args(a.rounds, a.seconds, a.clients, a.batch, _FULL.batch_clients, a.nodes,
+                   a.accounts)
+    except ValueError as e:
+        p.error(str(e))
     out = run(a.rounds, a.seconds, a.clients, a.batch, nodes=a.nodes, fsync=a.fsync,
               accounts=a.accounts, progress=Progress(2 + 3 * a.rounds))
     print(report(out), flush=True)

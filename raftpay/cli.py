@@ -149,11 +149,11 @@ class PortsInUse(RuntimeError):
 def _port_taken(addr: str) -> bool:
     """True if nothing could listen on `addr` now (another process does).  SO_REUSEADDR as the
     node's own listeners have, so a port left in TIME_WAIT by a stopped node counts as free."""
-    host, _, port = addr.rpartition(":")
+    from .config import parse_addr
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind((host, int(port)))
+            s.bind(parse_addr(addr))
         except OSError as e:
             return e.errno == errno.EADDRINUSE
     return False
@@ -308,8 +308,7 @@ def up(nodes: int, data_dir: str, base_port: int, fsync: str) -> None:
             if p.poll() is not None:
                 click.echo(f"node {node_id} exited with code {p.returncode} (its log: "
                            f"{cluster.log_path(node_id)}); stopping the cluster", err=True)
-        cluster.stop()
-        sys.exit(EXIT_REFUSED)
+        sys.exit(EXIT_REFUSED)  # `finally` stops the others
     except KeyboardInterrupt:
         click.echo("\nstopping...")
     finally:
