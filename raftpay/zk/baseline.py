@@ -79,6 +79,7 @@ from kazoo.protocol.states import KazooState
 from raftpay import wire
 from raftpay.codes import Code, ProtocolError
 from raftpay.config import parse_addr
+from raftpay.node import lock_data_dir
 from raftpay.zk.mirror import ZkMirror, _close_client, cluster_path, make_client
 
 log = logging.getLogger(__name__)
@@ -892,6 +893,7 @@ class ZkNode:
         self._lock = threading.Lock()  # guards the ledger (apply on the loop, query anywhere)
         self._ledger = None
         self._logfile = _LogFile(os.path.join(data_dir, LOG_FILE), fsync == "always")
+        self._dir_lock = -1  # fd of the data dir's LOCK while started (`lock_data_dir`)
         # Owned by the loop thread (read elsewhere only as single attributes).
         self._log: list[tuple[int, bytes]] = []  # batch seq i is self._log[i - 1]
         self._promised = 0
@@ -940,12 +942,24 @@ class ZkNode:
     def start(self) -> None:
         """Replay the log file into a fresh ledger, bind the replication port, then join
         ZooKeeper (membership, election).  Blocks briefly (caller's thread); returns before
-        ZooKeeper answers.  Raises `FatalNodeError` if the log cannot be replayed, `OSError` if
-        the port is taken.  Not restartable: make a new `ZkNode`."""
+        ZooKeeper answers.  Raises `FatalNodeError` if the log cannot be replayed,
+        `raftpay.node.FatalNodeError` if another node holds the data dir, `OSError` if the port
+        is taken.  Not restartable: make a new `ZkNode`."""
         if self._started:
             raise RuntimeError("a ZkNode starts once; create a new one to restart")
         self._started = True
         os.makedirs(self.data_dir, exist_ok=True)
+        # Before the log is opened: two nodes appending to one log would interleave batches.
+        self._dir_lock = lock_data_dir(self.data_dir)
+        try:
+            self._replay_and_bind()
+        except BaseException:
+            self._logfile.close()
+            self._release_dir()
+            raise
+        self._join_zookeeper()
+
+    def _replay_and_bind(self) -> None:
         self._ledger = self._ledger_cls(session_ttl_ms=self._session_ttl_ms)
         self._promised, self._log, commit = self._logfile.load()
         self._apply_to(commit)
@@ -962,8 +976,9 @@ class ZkNode:
         except BaseException:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(5)
-            self._logfile.close()
             raise
+
+    def _join_zookeeper(self) -> None:
         self._zk = make_client(self._zk_hosts, session_timeout_s=self.session_timeout_s,
                                op_timeout_s=self._op_timeout_s, digest=self._digest)
         self._zk.add_listener(self._on_zk_state_thread)
@@ -995,6 +1010,12 @@ class ZkNode:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout_s / 3)
         self._logfile.close()
+        self._release_dir()
+
+    def _release_dir(self) -> None:
+        fd, self._dir_lock = self._dir_lock, -1
+        if fd >= 0:
+            os.close(fd)
 
     def _run_loop(self, ready: threading.Event) -> None:
         self._loop = asyncio.new_event_loop()
