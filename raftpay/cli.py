@@ -114,23 +114,25 @@ def node_start(config_path: str) -> None:
         click.echo(f"refusing to start: {e}", err=True)
         sys.exit(EXIT_USAGE)
     _log_as(cfg.node.id)
+    from .node import FatalNodeError
+    fatal: tuple[type[Exception], ...] = (FatalNodeError,)
     if cfg.node.mode == "zk-election":
         try:
-            from .zk.baseline import serve as serve_zk
+            from .zk.baseline import FatalNodeError as ZkFatalNodeError
+            from .zk.baseline import serve
         except ImportError as e:
             click.echo(f"refusing to start: zk-election mode is not available: {e}", err=True)
             sys.exit(EXIT_USAGE)
-        asyncio.run(serve_zk(cfg))
-        return
-    from .node import FatalNodeError
-    from .server import serve
+        fatal += (ZkFatalNodeError,)
+    else:
+        from .server import serve
     ready = []
     try:
         asyncio.run(serve(cfg, on_ready=ready.append))
-    except FatalNodeError as e:
-        # Only a start raises it (a node that fails later stops Raft and says why in its
-        # status): a data dir it cannot trust or that another node holds, a snapshot that does
-        # not load.
+    except fatal as e:
+        # Only a start raises it (a node that fails later stops Raft, or leaves the election,
+        # and says why in its status): a data dir it cannot trust or that another node holds,
+        # a snapshot that does not load.
         click.echo(f"refusing to start: {e}", err=True)
         sys.exit(EXIT_REFUSED)
     except OSError as e:

@@ -12,8 +12,12 @@ protocol itself, as a deposed primary would.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -123,6 +127,33 @@ def test_client_finds_the_primary_through_zookeeper(cluster, zk_standalone):  # 
         assert sorted(c._core.seeds) == sorted(cluster.client_addrs)
         assert c._core.leader == addr_of(cluster)[leader]
         assert c.create_account("zk-a", 1) in (Code.OK, Code.EXISTS)
+
+
+def test_a_second_node_on_a_data_dir_in_use_is_refused(cluster, tmp_path):
+    """`raftpay node start` with a running zk-election node's config is refused before it opens
+    the log (two writers of one log would interleave batches), naming the holder; what the
+    machine refuses (a data dir that is a file) is one line too.  The cluster serves on."""
+    from raftpay.config import dump_toml
+    cfg, path = cluster.configs[0], cluster.paths[0]
+    log_file = os.path.join(cfg.node.data_dir, baseline.LOG_FILE)
+    size = os.path.getsize(log_file)
+    (tmp_path / "afile").write_text("")
+    afile = dataclasses.replace(cfg, node=dataclasses.replace(
+        cfg.node, data_dir=str(tmp_path / "afile")))
+    (tmp_path / "afile.toml").write_text(dump_toml(afile))
+    holder = cluster.procs[cfg.node.id].pid
+    for config, words in ((path, f"data dir {cfg.node.data_dir} is in use by another node "
+                                 f"(pid {holder})"),
+                          (str(tmp_path / "afile.toml"), "File exists")):
+        r = subprocess.run([sys.executable, "-m", "raftpay", "node", "start", "--config",
+                            config], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1, r.stderr
+        assert "refusing to start:" in r.stderr and words in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr, r.stderr
+    assert os.path.getsize(log_file) == size
+    assert cluster.procs[cfg.node.id].poll() is None
+    with Client(cluster.seeds) as c:
+        assert c.create_accounts([{"id": "lock-a", "currency": 1}]) == [Code.OK]
 
 
 def test_a_lower_epoch_is_fenced(cluster):
