@@ -69,8 +69,23 @@ def _run_client(fn):
 
 
 def _id(text: str):
-    """Ids typed at a shell: digits are integer ids, anything else a string id."""
-    return int(text) if text.isdigit() else text
+    """Ids typed at a shell: ASCII digits are integer ids, anything else a string id.  What no
+    account or transfer can have (empty, 0, past 2**64-1, over 64 UTF-8 bytes, bytes that are
+    not UTF-8) is a usage error here, not a lookup that answers "not found"."""
+    from .ledger import MAX_ID_BYTES, MAX_U64
+    if text.isascii() and text.isdigit():  # not "²": int() refuses it
+        value = int(text)
+        ok = 0 < value <= MAX_U64
+    else:
+        value = text
+        try:
+            ok = 0 < len(text.encode("utf-8")) <= MAX_ID_BYTES
+        except UnicodeEncodeError:  # argv bytes that were not UTF-8 (surrogate-escaped)
+            ok = False
+    if not ok:
+        raise click.UsageError(f"{text!r} is not an id: ids are integers 1..2**64-1 or text "
+                               f"of 1 to {MAX_ID_BYTES} UTF-8 bytes")
+    return value
 
 
 _LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
@@ -446,9 +461,9 @@ def account() -> None:
 @click.option("--user-data", default=0, type=click.IntRange(0, 2 ** 64 - 1))
 def account_create(cluster, account_id, currency, flags, user_data) -> None:
     """Create an account (safe to repeat: the same account answers `exists`)."""
+    aid = _id(account_id)
     with _client(cluster) as c:
-        code = _run_client(lambda: c.create_account(_id(account_id), currency, list(flags),
-                                                    user_data))
+        code = _run_client(lambda: c.create_account(aid, currency, list(flags), user_data))
     _finish(code)
 
 
@@ -458,8 +473,9 @@ def account_create(cluster, account_id, currency, flags, user_data) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def account_show(cluster, account_ids, as_json) -> None:
     """Show accounts and their balances (a linearizable read)."""
+    ids = [_id(a) for a in account_ids]
     with _client(cluster) as c:
-        accounts = _run_client(lambda: c.lookup_accounts([_id(a) for a in account_ids]))
+        accounts = _run_client(lambda: c.lookup_accounts(ids))
     if as_json:
         click.echo(json.dumps(accounts, indent=2))
         return
@@ -492,11 +508,11 @@ def transfer(cluster, transfer_id, debit, credit, amount, currency, pending, tim
              post_id, void_id) -> None:
     """Move money between two accounts (or post/void a pending transfer)."""
     t = {"id": _id(transfer_id)}
-    if post_id and void_id:
+    if post_id is not None and void_id is not None:
         raise click.UsageError("--post and --void exclude each other")
-    if post_id or void_id:
-        t.update(pending_id=_id(post_id or void_id),
-                 flags=["post_pending" if post_id else "void_pending"])
+    if post_id is not None or void_id is not None:
+        t.update(pending_id=_id(post_id if post_id is not None else void_id),
+                 flags=["post_pending" if post_id is not None else "void_pending"])
     else:
         missing = [n for n, v in (("--from", debit), ("--to", credit), ("--amount", amount),
                                   ("--currency", currency)) if v is None]
@@ -522,9 +538,9 @@ def transfer(cluster, transfer_id, debit, credit, amount, currency, pending, tim
 @click.option("--json", "as_json", is_flag=True)
 def history(cluster, account_id, limit, cursor, as_json) -> None:
     """An account's transfers in the order they were applied."""
+    aid = _id(account_id)
     with _client(cluster) as c:
-        items, next_cursor = _run_client(
-            lambda: c.account_transfers(_id(account_id), limit, cursor))
+        items, next_cursor = _run_client(lambda: c.account_transfers(aid, limit, cursor))
     if as_json:
         click.echo(json.dumps({"transfers": items, "next_cursor": next_cursor}, indent=2))
         return

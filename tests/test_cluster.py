@@ -516,16 +516,27 @@ def test_cli_flow(cluster):
     assert r.stdout.count("±") == 3  # each node's clock offset and bound
     r = run("status", "--cluster", "127.0.0.1:1")
     assert r.returncode == 3
-    # Numbers the protocol cannot carry: a usage error that says why, not a traceback.
-    for args in (("transfer", "--id", "cli-t3", "--from", "cli-a", "--to", "cli-b", "--amount",
-                  str(2 ** 64), "--currency", "978"),
-                 ("transfer", "--id", str(2 ** 64), "--from", "cli-a", "--to", "cli-b",
-                  "--amount", "1", "--currency", "978"),
-                 ("account", "create", str(2 ** 65), "--currency", "978"),
-                 ("account", "show", str(2 ** 65)),
-                 ("history", str(2 ** 65))):
+    # A number the protocol cannot carry, ids no account or transfer can have: a usage error
+    # that says why, not a traceback and not "not found".
+    pay = ("--from", "cli-a", "--to", "cli-b", "--amount", "1", "--currency", "978")
+    for args, words in (
+            (("transfer", "--id", "cli-t3", "--from", "cli-a", "--to", "cli-b", "--amount",
+              str(2 ** 64), "--currency", "978"), "outside -2**63..2**64-1"),
+            (("transfer", "--id", str(2 ** 64), *pay), "is not an id"),
+            (("transfer", "--id", "cli-t3", "--post", ""), "is not an id"),
+            (("transfer", "--id", "cli-t3", "--from", "cli-a", "--to", "x" * 65, "--amount", "1",
+              "--currency", "978"), "is not an id"),
+            (("account", "create", str(2 ** 65), "--currency", "978"), "is not an id"),
+            (("account", "create", "0", "--currency", "978"), "is not an id"),
+            (("account", "show", "cli-a", ""), "'' is not an id"),
+            (("account", "show", os.fsdecode(b"\xff")), "is not an id"),  # not UTF-8
+            (("history", str(2 ** 65)), "is not an id")):
         r = run(*args)
-        assert r.returncode == 2 and "outside -2**63..2**64-1" in r.stderr, (args, r.stderr)
+        assert r.returncode == 2 and words in r.stderr, (args, r.stderr)
         assert "Traceback" not in r.stderr
+    # "²" is a digit to str.isdigit but not to int(): a text id, which used to be a traceback.
+    r = run("transfer", "--id", "\u00b2", "--from", "cli-a", "--to", "nobody", "--amount", "1",
+            "--currency", "978")
+    assert (r.returncode, r.stdout.strip()) == (1, "credit_account_not_found"), r.stderr
     r = run("account", "show", "cli-a")
     assert r.returncode == 0 and "debits posted 42" in r.stdout  # nothing else moved
