@@ -134,6 +134,7 @@ class _Core:
         redirects = 0
         backoff = 0.005
         last_problem = "no attempt made"
+        answered = False  # a node answered with a code we retry on
         seq = None
         while True:
             if kind == "submit" and self.use_session and self.session is None:
@@ -161,14 +162,19 @@ class _Core:
                 if seq is not None:
                     self._outstanding.discard(seq)
                 raise
-            outcome = yield _Send(target, frame, rid, min(self.attempt_timeout_s, remaining))
+            attempt_s = min(self.attempt_timeout_s, remaining)
+            outcome = yield _Send(target, frame, rid, attempt_s)
             retry_now = False
             if isinstance(outcome, _Failed):
                 if self.leader == target:
                     self.leader = None
                 if outcome.sent and kind in _WRITE_TYPES:
                     maybe_applied = True
-                last_problem = f"{target}: {outcome.error!r}"
+                # A last attempt the deadline cut short says only that time ran out; a node's
+                # earlier answer (a follower behind the asked version, say) says why.
+                if not (answered and attempt_s < self.attempt_timeout_s
+                        and isinstance(outcome.error, TimeoutError)):
+                    last_problem = f"{target}: {outcome.error!r}"
                 if addr:
                     raise Unavailable(last_problem) from outcome.error
             else:
@@ -183,6 +189,7 @@ class _Core:
                         self._outstanding.discard(seq)
                     return rb
                 last_problem = f"{target}: {codes.name(code)} {rb.get('message', '')}".strip()
+                answered = True
                 if code == Code.NOT_LEADER and not addr:
                     redirects += 1
                     hint = rb.get("leader")  # a bad hint is no hint: a seed is tried instead

@@ -94,6 +94,30 @@ def test_a_write_whose_reply_is_lost_ends_outcome_unknown():
 
 
 
+def test_a_read_that_runs_out_of_time_says_why_the_nodes_turned_it_down():
+    """A follower read for a version no follower reaches: each answers read_not_ready after its
+    wait, and the last attempt, cut short by the client's deadline, times out.  The error names
+    the follower's answer, not that timeout; with no answer at all it names the timeout."""
+    body = {"ids": ["a"], "consistency": "follower", "min_version": 9}
+    for answers, words in ((True, "read_not_ready applied 5 < asked version 9"),
+                           (False, "TimeoutError")):
+        gen = _core(timeout_s=0.05).call("lookup_accounts", body)
+        step, sends = next(gen), 0
+        with pytest.raises(Unavailable) as err:
+            while True:
+                if isinstance(step, rc._Sleep):
+                    step = gen.send(None)
+                elif sends == 0 and answers:
+                    sends += 1
+                    step = gen.send(_reply(step, Code.READ_NOT_READY, applied=5,
+                                           message="applied 5 < asked version 9; retry"))
+                else:
+                    sends += 1
+                    assert step.timeout_s < 1.0  # cut short by the deadline
+                    step = gen.send(rc._Failed(TimeoutError("timed out"), sent=True))
+        assert words in str(err.value) and sends >= 2, str(err.value)
+
+
 def test_a_request_refused_before_sending_gives_its_seq_back():
     """A value the protocol cannot carry raises at once, names the problem, and does not keep
     a session seq outstanding (which would hold the session's ack below it for good)."""
