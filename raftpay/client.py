@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 from . import codes, wire
+from .config import parse_addr
 from .codes import (Code, OutcomeUnknown, ProtocolError, RaftpayError, RequestRejected,
                     Unavailable)
 from .ledger import ACCOUNT_FLAG_NAMES, TRANSFER_FLAG_NAMES, events_as_rows
@@ -48,8 +49,10 @@ def parse_seeds(seeds: str | Sequence[str] | None) -> list[str]:
         seeds = [s.strip() for s in seeds.split(",")]
     out = [s for s in seeds if s]
     for s in out:
-        if not _is_host_port(s):
-            raise ValueError(f"seed {s!r} is not host:port")
+        try:
+            parse_addr(s)
+        except ValueError as e:
+            raise ValueError(f"seed {e}") from None
     if not out:
         raise ValueError(f"no cluster address given (pass seeds or set {CLUSTER_ENV})")
     return out
@@ -342,8 +345,13 @@ def _read_body(body: dict, consistency: str, min_version: int) -> dict:
 
 
 def _is_host_port(addr: str) -> bool:
-    host, _, port = addr.rpartition(":")
-    return bool(host) and port.isdigit()
+    """As a node's config would take it (`config.parse_addr`): a port in 1..65535, IPv6 in
+    brackets."""
+    try:
+        parse_addr(addr)
+    except ValueError:
+        return False
+    return True
 
 
 def _items(what: str, items) -> list:
@@ -466,8 +474,7 @@ class Client(_Api):
         try:
             sock = self._socks.get(step.addr)
             if sock is None:
-                host, _, port = step.addr.rpartition(":")
-                sock = socket.create_connection((host, int(port)), timeout=step.timeout_s)
+                sock = socket.create_connection(parse_addr(step.addr), timeout=step.timeout_s)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 self._socks[step.addr] = sock
             sock.settimeout(step.timeout_s)
@@ -685,10 +692,10 @@ class AsyncClient(_Api):
         return await asyncio.shield(pending)
 
     async def _open(self, addr: str, timeout_s: float) -> _AsyncConn:
-        host, _, port = addr.rpartition(":")
+        host, port = parse_addr(addr)
         loop = asyncio.get_running_loop()
         _, conn = await asyncio.wait_for(loop.create_connection(
-            lambda: _AsyncConn(self._max_frame_bytes), host, int(port)), timeout_s)
+            lambda: _AsyncConn(self._max_frame_bytes), host, port), timeout_s)
         sock = conn.transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -375,3 +375,41 @@ def test_batch_calls_refuse_what_is_not_a_list_of_dicts_before_sending():
     with pytest.raises(ValueError, match="status: address 'nonsense' is not host:port"):
         api.status(addr="nonsense")
     assert len(sent) == 1
+
+
+def test_addresses_are_read_as_a_node_config_reads_them_and_ipv6_connects():
+    """Seeds, redirect hints and status addresses go through `config.parse_addr`: a port past
+    65535 or a bare IPv6 address is refused when the client is made, and "[::1]:port" (what a
+    config with an IPv6 client address hands out) connects, blocking and async."""
+    import asyncio
+    import socket
+    import threading
+
+    for bad, words in (("127.0.0.1:99999", "port '99999' is not in 1..65535"),
+                       ("127.0.0.1:0", "port '0'"), ("::1:7001", r"write IPv6 as"),
+                       ("a b:1", "bad host")):
+        with pytest.raises(ValueError, match=words):
+            rc.parse_seeds(bad)
+    srv = socket.create_server(("::1", 0), family=socket.AF_INET6)
+    addr = "[::1]:%d" % srv.getsockname()[1]
+
+    def serve():
+        for _ in range(2):
+            conn, _ = srv.accept()
+            with conn:
+                env = wire.decode(wire.recv_frame(conn, wire.MAX_FRAME_BYTES, 10))
+                conn.sendall(wire.reply(env.id, Code.OK, status={"id": "v6"}))
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+
+    async def via_async():
+        async with rc.AsyncClient(addr, timeout_s=5) as c:
+            return await c.status(addr=addr)
+    try:
+        with rc.Client(addr, timeout_s=5) as c:
+            assert c.status(addr=addr) == {"id": "v6"}
+        assert asyncio.run(via_async()) == {"id": "v6"}
+    finally:
+        t.join(10)
+        srv.close()
