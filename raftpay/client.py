@@ -273,14 +273,16 @@ class _Api:
         `wire.ROWS_MIN_EVENTS` events that all have the same fields in the same order travels in the
         protocol's compact form (`wire`'s keys and rows): the same events in about a third of the
         bytes, and less work for the node."""
-        events = list(events)
+        return self._submit(_items("submit", events))
+
+    def _submit(self, events: list[dict]):
         compact = events_as_rows(events) if len(events) >= wire.ROWS_MIN_EVENTS else None
         body = {"events": events} if compact is None else {"keys": compact[0], "rows": compact[1]}
         return self._map(self._call("submit", body), _results)
 
     def create_accounts(self, accounts: list[dict]):
         """Each account: {id, currency, flags?, user_data?}.  Flags may be names."""
-        return self.submit([_account_event(a) for a in _items("create_accounts", accounts)])
+        return self._submit([_account_event(a) for a in _items("create_accounts", accounts)])
 
     def create_account(self, id, currency: int, flags=None, user_data: int = 0):
         return self._map(self.create_accounts([{"id": id, "currency": currency, "flags": flags,
@@ -289,7 +291,7 @@ class _Api:
     def create_transfers(self, transfers: list[dict]):
         """Each transfer: {id, debit_account_id, credit_account_id, amount, currency, flags?,
         user_data?, pending_id?, timeout_ms?}.  Flags may be names."""
-        return self.submit([_transfer_event(t) for t in _items("create_transfers", transfers)])
+        return self._submit([_transfer_event(t) for t in _items("create_transfers", transfers)])
 
     def transfer(self, id, debit_account_id, credit_account_id, amount: int, currency: int,
                  flags=None, **fields):
@@ -308,18 +310,20 @@ class _Api:
         return self._map(self.create_transfers([t]), lambda r: r[0])
 
     def close_account(self, account_id):
-        return self._map(self.submit([{"op": "close_account", "account_id": account_id}]),
+        return self._map(self._submit([{"op": "close_account", "account_id": account_id}]),
                          lambda r: r[0])
 
     def lookup_accounts(self, ids: list, consistency: str = "linearizable",
                         min_version: int = 0):
         return self._map(self._call("lookup_accounts", _read_body(
-            {"ids": list(ids)}, consistency, min_version)), lambda rb: rb["accounts"])
+            {"ids": _ids("lookup_accounts", ids)}, consistency, min_version)),
+            lambda rb: rb["accounts"])
 
     def lookup_transfers(self, ids: list, consistency: str = "linearizable",
                          min_version: int = 0):
         return self._map(self._call("lookup_transfers", _read_body(
-            {"ids": list(ids)}, consistency, min_version)), lambda rb: rb["transfers"])
+            {"ids": _ids("lookup_transfers", ids)}, consistency, min_version)),
+            lambda rb: rb["transfers"])
 
     def account_transfers(self, account, limit: int = 100, cursor: int = 0,
                           consistency: str = "linearizable", min_version: int = 0):
@@ -364,6 +368,15 @@ def _items(what: str, items) -> list:
         if type(item) is not dict and not isinstance(item, Mapping):
             raise TypeError(f"{what}: item {i} is {type(item).__name__}, not a dict of fields")
     return items
+
+
+def _ids(what: str, ids) -> list:
+    """The ids of a lookup: a list (or other iterable) of ids.  A lone id is refused with a
+    TypeError: a string would be read as one id per character, and answered as such."""
+    if isinstance(ids, (str, bytes, dict)) or not hasattr(ids, "__iter__"):
+        raise TypeError(f"{what} takes a list of ids, got {type(ids).__name__} "
+                        f"(for one id: [id])")
+    return list(ids)
 
 
 def _account_event(a: dict) -> dict:

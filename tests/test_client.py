@@ -370,6 +370,14 @@ def test_batch_calls_refuse_what_is_not_a_list_of_dicts_before_sending():
                            ([1], "item 0 is int")):
             with pytest.raises(TypeError, match=f"{name}.*{words}"):
                 call(bad)
+    with pytest.raises(TypeError, match="submit takes a list of dicts, got dict"):
+        api.submit({"op": "create_account", "id": 1, "currency": 1})
+    for call in (api.lookup_accounts, api.lookup_transfers):
+        # "alice" would be read as five ids, one per letter, and answered as five.
+        for bad, words in (("alice", "got str"), (b"alice", "got bytes"), (7, "got int"),
+                           ({"alice": 1}, "got dict")):
+            with pytest.raises(TypeError, match=f"{call.__name__} takes a list of ids, {words}"):
+                call(bad)
     assert sent == []  # nothing went out
     assert api.create_accounts(({"id": i, "currency": 1} for i in (1, 2))) == [Code.OK] * 2
     with pytest.raises(ValueError, match="status: address 'nonsense' is not host:port"):
