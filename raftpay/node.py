@@ -718,6 +718,12 @@ _FRAME_PLAIN = b"P"  # pickle, no secret configured (loopback only, enforced by 
 _FRAME_SEALED = b"S"  # seq (8 bytes) | nonce (12) | AES-GCM(pickle), authenticated with the seq
 #: Key derivation for the cluster secret; a salt of our own, so the key is not upstream's.
 _SEAL_SALT = b"raftpay/raft-transport/aes-gcm/v1"
+#: A peer whose frames this node cannot open, or that closes our connections unanswered, is
+#: named at most this often (it reconnects every half second).
+PEER_COMPLAINT_INTERVAL_S = 60.0
+#: Connections in a row a peer closes before answering before this node names it (one is a
+#: peer restarting).
+SILENT_CLOSES_TO_COMPLAIN = 3
 _I32 = struct.Struct("i")  # upstream's length prefix: a native int
 
 
@@ -745,11 +751,20 @@ class _Sealer:
         return head + nonce + self._aead.encrypt(nonce, data, head)
 
     def open(self, frame: bytes) -> tuple[int, bytes]:
-        """(seq, plaintext); raises on anything not sealed with our key."""
+        """(seq, plaintext); raises ValueError, saying what the peer likely got wrong, on
+        anything not sealed with our key."""
+        if frame[:1] == _FRAME_PLAIN:
+            raise ValueError("an unsealed frame: the peer runs without a cluster secret, and "
+                             "this node has one")
         if frame[:1] != _FRAME_SEALED or len(frame) < 9 + 12 + 16:
-            raise ValueError("not a sealed frame")
+            raise ValueError("not a raftpay Raft frame")
         head = frame[:9]
-        return int.from_bytes(head[1:], "big"), self._aead.decrypt(frame[9:21], frame[21:], head)
+        try:
+            plain = self._aead.decrypt(frame[9:21], frame[21:], head)
+        except Exception:  # cryptography's InvalidTag (its message is empty)
+            raise ValueError("a frame sealed with another cluster secret: every node of a "
+                             "cluster needs the same [cluster] secret") from None
+        return int.from_bytes(head[1:], "big"), plain
 
 
 class _SendQueue:
@@ -821,13 +836,16 @@ class _RaftpayConnection(TcpConnection):
     since upstream reuses the object)."""
 
     rp_transport = None  # the `_RaftpayTransport` that adopted it
+    rp_dialed = None  # the peer's node, on a connection this node dials (upstream reuses it)
+    rp_frames_in = 0  # frames read since this TCP connection opened
 
     @classmethod
-    def rp_adopt(cls, conn: TcpConnection, transport=None) -> TcpConnection:
+    def rp_adopt(cls, conn: TcpConnection, transport=None, dialed=None) -> TcpConnection:
         if type(conn) is TcpConnection:
             conn.__class__ = cls
             conn.rp_send_seq, conn.rp_recv_seq, conn.rp_rpos = 0, 0, 0
         conn.rp_transport = transport
+        conn.rp_dialed = dialed
         return conn
 
     def send(self, message):
@@ -872,6 +890,8 @@ class _RaftpayConnection(TcpConnection):
                 self.disconnect()
             return False
         if not incoming or sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+            if not incoming:
+                self._rp_closed_by_peer()
             self.disconnect()
             return False
         buf = self._TcpConnection__readBuffer
@@ -929,20 +949,49 @@ class _RaftpayConnection(TcpConnection):
             elif data[:1] == _FRAME_PLAIN:
                 data = data[1:]
             else:
-                raise ValueError("sealed frame, but this node has no cluster secret")
+                raise ValueError("a sealed frame: the peer has a cluster secret, and this node "
+                                 "has none")
             message = _pso_pickle.loads(data)
             if self.recvRandKey:
                 rand_key, message = message
                 if rand_key != self.recvRandKey:
                     raise ValueError("wrong connection key")
         except Exception as e:
-            log.warning("dropping a Raft connection: %s", e or type(e).__name__)
+            self._rp_refused(str(e) or type(e).__name__)
             self.disconnect()
             return None
+        if not self.rp_frames_in and self.rp_dialed is not None and self.rp_transport:
+            self.rp_transport.rp_silent_closes.pop(self.rp_dialed, None)  # it answers us
+        self.rp_frames_in += 1
         return message
+
+    def _rp_peer(self) -> tuple[str, int] | None:
+        try:
+            return self._TcpConnection__socket.getpeername()[:2]
+        except (AttributeError, OSError):
+            return None
+
+    def _rp_refused(self, reason: str) -> None:
+        peer = self._rp_peer()
+        where = f" from {peer[0]} (port {peer[1]})" if peer else ""
+        message = f"dropping a Raft connection{where}: {reason}"
+        if self.rp_transport is None:
+            log.warning("%s", message)
+        else:  # a misconfigured peer reconnects every half second: once a minute is enough
+            self.rp_transport.rp_complain((peer[0] if peer else None, reason), message)
+
+    def _rp_closed_by_peer(self) -> None:
+        """The peer closed the connection.  A connection we dialed that it closed before its
+        first frame is what a peer that cannot open ours does (with a secret, the accepting
+        side always answers the dialer's first frame at once); the transport names that peer
+        once several connections in a row went so."""
+        node, transport = self.rp_dialed, self.rp_transport
+        if node is not None and transport is not None and self.rp_frames_in == 0:
+            transport.rp_silent_close(node)
 
     def disconnect(self):
         self.rp_send_seq, self.rp_recv_seq, self.rp_rpos = 0, 0, 0
+        self.rp_frames_in = 0
         super().disconnect()
 
 
@@ -961,7 +1010,7 @@ class _RaftpayTransport(TCPTransport):
         super().addNode(node)  # makes the outgoing connection object, if we are the dialer
         conn = self._connections.get(node)
         if conn is not None:
-            _RaftpayConnection.rp_adopt(conn, self)
+            _RaftpayConnection.rp_adopt(conn, self, dialed=node)
 
     def _onNewIncomingConnection(self, conn):
         super()._onNewIncomingConnection(_RaftpayConnection.rp_adopt(conn, self))
@@ -969,6 +1018,32 @@ class _RaftpayTransport(TCPTransport):
     #: Acknowledgements held back while the messages of one read are handled (None: not in
     #: such a pass); `rp_flush_acks` syncs once and sends them.
     rp_acks: list | None = None
+
+    def __init__(self, *args, **kwargs):
+        self.rp_complaints: dict = {}  # key -> [last logged (monotonic), held back since]
+        self.rp_silent_closes: dict = {}  # node -> connections in a row it closed unanswered
+        super().__init__(*args, **kwargs)  # adds the nodes (`addNode`)
+
+    def rp_complain(self, key, message: str) -> None:
+        """Log `message` as a warning, but a given `key` at most once per
+        `PEER_COMPLAINT_INTERVAL_S`, saying how many were held back since: a misconfigured
+        peer reconnects every half second, for as long as it runs."""
+        now = time.monotonic()
+        seen = self.rp_complaints.get(key)
+        if seen is not None and now - seen[0] < PEER_COMPLAINT_INTERVAL_S:
+            seen[1] += 1
+            return
+        more = f" ({seen[1]} more like it since the last report)" if seen and seen[1] else ""
+        log.warning("%s%s", message, more)
+        self.rp_complaints[key] = [now, 0]
+
+    def rp_silent_close(self, node) -> None:
+        n = self.rp_silent_closes[node] = self.rp_silent_closes.get(node, 0) + 1
+        if n >= SILENT_CLOSES_TO_COMPLAIN:
+            self.rp_complain(("silent", node), (
+                f"the peer at {node.address} closed {n} Raft connections in a row before "
+                f"answering on any: a node does that when it cannot open our frames; check "
+                f"that it has the same [cluster] secret as this node"))
 
     def rp_begin_acks(self) -> None:
         if self.rp_acks is None:

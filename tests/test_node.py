@@ -802,6 +802,33 @@ def test_node_without_the_secret_cannot_join_or_disturb(cluster):
     assert not leader.status()["peers"]["c"]["connected"]
 
 
+def test_a_peer_with_another_secret_is_named_with_the_reason_not_on_every_reconnect(
+        cluster, caplog, monkeypatch):
+    """A node given another cluster secret (a config copied wrong) is the likeliest way to
+    build a cluster that never forms.  The node that cannot open its frames says why, and the
+    one whose connections are closed unanswered says which peer and what to check; it
+    reconnects every half second, so each is said once per interval with a count of the rest
+    (the interval is shortened here, so the count shows within the test)."""
+    import logging
+    caplog.set_level(logging.WARNING, logger="raftpay.node")
+    monkeypatch.setattr(rn, "PEER_COMPLAINT_INTERVAL_S", 1.0)
+    c = cluster()
+    c.start("a", "b", secret="s3cret")
+    c.start("c", secret="another")
+    wait_for(lambda: any(n.is_leader() for n in (c.nodes["a"], c.nodes["b"])), what="a leader")
+
+    def said(words):
+        return [r.getMessage() for r in caplog.records if words in r.getMessage()]
+    wait_for(lambda: said("more like it since the last report"), 15, "a repeat held back")
+    sealed = said("a frame sealed with another cluster secret: every node of a cluster needs "
+                  "the same [cluster] secret")
+    silent = said("closed 3 Raft connections in a row before answering on any")
+    assert sealed and silent, [r.getMessage() for r in caplog.records]
+    assert all(m.startswith("dropping a Raft connection from 127.0.0.1 (port ") for m in sealed)
+    assert all("same [cluster] secret as this node" in m for m in silent)
+    assert not c.nodes["c"].status()["peers"]["a"]["connected"]
+
+
 def test_step_down_hands_leadership_over(cluster):
     c = cluster().start()
     old = c.leader()
