@@ -724,6 +724,8 @@ PEER_COMPLAINT_INTERVAL_S = 60.0
 #: Connections in a row a peer closes before answering before this node names it (one is a
 #: peer restarting).
 SILENT_CLOSES_TO_COMPLAIN = 3
+#: A peer this node has had no Raft connection to for this long is named in the log.
+PEER_DOWN_REPORT_S = 10.0
 _I32 = struct.Struct("i")  # upstream's length prefix: a native int
 
 
@@ -1777,6 +1779,12 @@ class _RaftpaySyncObj(SyncObj):
             if (n != leader or receiving) and self.isNodeConnected(n):
                 transport.send(n, {"type": _MSG_PING})
 
+    def rp_dials(self, addr: str) -> bool:
+        """True if this node opens the connection to the peer at `addr`, False if it waits for
+        the peer to (upstream: the greater address dials; one connection per pair)."""
+        transport = self._SyncObj__transport
+        return transport._shouldConnect(transport._nodeAddrToNode[addr])
+
     # --- replaced / wrapped upstream internals ----------------------------------------------
 
     def _SyncObj__onMessageReceived(self, node, message):
@@ -2218,6 +2226,9 @@ class Node:
         self._seq = itertools.count()
         self._next_ping = 0.0
         self._next_transmit_round = 0.0
+        self._next_peer_check = 0.0
+        #: peer Raft address -> [down since, last reported (0: not yet)] (`_check_peers`)
+        self._peers_down: dict[str, list[float]] = {}
         # Until this monotonic time, a leader keeps trying to hand leadership over (step_down).
         self._step_down_until = 0.0
         self._next_step_down_try = 0.0
@@ -2699,6 +2710,9 @@ class Node:
         if now >= self._next_ping:
             self._next_ping = now + self._heartbeat_s
             so.rp_ping_peers()
+        if now >= self._next_peer_check:
+            self._next_peer_check = now + 1.0
+            self._check_peers(so, now)
         so.rp_compact_if_due_by_bytes()
         if is_leader and now < self._step_down_until and now >= self._next_step_down_try:
             self._next_step_down_try = now + self._heartbeat_s
@@ -2709,6 +2723,38 @@ class Node:
             self._ready.set()
         self._published_log = (so.rp_last_index(), so._getRaftLogSize())
         self._published_role = (so.rp_role(), so.raftCurrentTerm, so.rp_leader_addr())
+
+    def _check_peers(self, so: _RaftpaySyncObj, now: float) -> None:
+        """Name a peer this node has had no Raft connection to for PEER_DOWN_REPORT_S, once
+        per PEER_COMPLAINT_INTERVAL_S while it lasts, and say when it is back.  Status shows
+        `connected: false`, but a cluster that never forms (a peer down, listed at the wrong
+        address, or with another secret) otherwise left no trace in any node's log.  The
+        message says who dials whom, which is where a wrong address shows."""
+        for addr, p in so.rp_peers().items():
+            down = self._peers_down.get(addr)
+            peer = self._addr_to_id.get(addr, addr)
+            if p["connected"]:
+                if down is not None:
+                    del self._peers_down[addr]
+                    if down[1]:
+                        log.info("%s: Raft connection to %s at %s is back after %.0f s",
+                                 self.node_id, peer, addr, now - down[0])
+                continue
+            if down is None:
+                self._peers_down[addr] = [now, 0.0]
+                continue
+            if now - down[0] < PEER_DOWN_REPORT_S or (
+                    down[1] and now - down[1] < PEER_COMPLAINT_INTERVAL_S):
+                continue
+            down[1] = now
+            if so.rp_dials(addr):
+                how = ("this node dials it: is it running, at that address, with this "
+                       "cluster's secret?")
+            else:
+                how = (f"it dials this node: is it running, with this node listed at "
+                       f"{self.raft_addr} and this cluster's secret?")
+            log.warning("%s: no Raft connection to %s at %s for %.0f s (%s)", self.node_id,
+                        peer, addr, now - down[0], how)
 
     def _take_proposals(self, so: _RaftpaySyncObj, is_leader: bool) -> bool:
         """Append every queued proposal (leader) or refuse it; True if anything was appended.

@@ -829,6 +829,34 @@ def test_a_peer_with_another_secret_is_named_with_the_reason_not_on_every_reconn
     assert not c.nodes["c"].status()["peers"]["a"]["connected"]
 
 
+def test_a_peer_without_a_connection_is_named_in_the_log_and_so_is_its_return(
+        cluster, caplog, monkeypatch):
+    """A peer that is down, listed at the wrong address or has another secret is `connected:
+    false` in status, and the log says so too: which peer, since when, and who dials whom
+    (where a wrong address shows), once per interval; and when it is back."""
+    import logging
+    caplog.set_level(logging.INFO, logger="raftpay.node")
+    monkeypatch.setattr(rn, "PEER_DOWN_REPORT_S", 0.5)
+    c = cluster()
+    c.start("a", "b")  # c is listed by both and not started
+
+    def said(words):
+        return [r.getMessage() for r in caplog.records if words in r.getMessage()]
+    down = f"no Raft connection to c at {c.addrs['c']} for "
+    wait_for(lambda: len(said(down)) == 2, 15, "a and b name c")
+    for i in ("a", "b"):
+        (m,) = [m for m in said(down) if m.startswith(f"{i}: ")]
+        if c.addrs[i] > c.addrs["c"]:  # the greater address dials
+            assert "(this node dials it: is it running, at that address" in m, m
+        else:
+            assert f"(it dials this node: is it running, with this node listed at " \
+                   f"{c.addrs[i]}" in m, m
+    c.start("c")
+    wait_for(lambda: len(said(f"Raft connection to c at {c.addrs['c']} is back after")) == 2,
+             15, "a and b see c back")
+    assert len(said(down)) == 2  # once per interval (a minute), not once per check
+
+
 def test_step_down_hands_leadership_over(cluster):
     c = cluster().start()
     old = c.leader()

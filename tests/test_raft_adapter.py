@@ -132,6 +132,10 @@ def test_each_node_knows_its_rank_among_the_sorted_addresses(rp_pair):
     ranks = {so._SyncObj__selfNode.id: so._SyncObj__serializer.rp_rank for so in rp_pair}
     assert len(ranks) == 2
     assert ranks == {addr: (k, 2) for k, addr in enumerate(sorted(ranks))}
+    # Of each pair, the node with the greater address dials (what `Node._check_peers` says).
+    low, high = sorted(rp_pair, key=lambda so: so._SyncObj__selfNode.address)
+    assert high.rp_dials(low._SyncObj__selfNode.address)
+    assert not low.rp_dials(high._SyncObj__selfNode.address)
 
 
 def _leader_follower(pair):
@@ -207,6 +211,9 @@ def test_internal_names_exist(tmp_path):
         assert rfile._ResizableFile__f.fileno() >= 0
         # The transport's flush of a partly sent message (rp: _RaftpayTransport.send).
         assert isinstance(so._SyncObj__transport._connections, dict)
+        # Who dials whom (rp_dials).
+        assert callable(so._SyncObj__transport._shouldConnect)
+        assert set(so._SyncObj__transport._nodeAddrToNode) == {n.address for n in so.otherNodes}
     finally:
         so.destroy()
     assert callable(TcpConnection._TcpConnection__processConnection)
@@ -872,7 +879,9 @@ def _frame_of(pair, message) -> bytes:
     return pair[1]._TcpConnection__socket.recv(1 << 20)
 
 
-def test_sealed_frames_round_trip_and_refuse_replay_tampering_and_other_keys():
+def test_sealed_frames_round_trip_and_refuse_replay_tampering_and_other_keys(caplog):
+    import logging
+    caplog.set_level(logging.WARNING, logger="raftpay.node")
     _, receiver = pair = _sealed_pair()
     frame = _frame_of(pair, {"type": "append_entries", "term": 3})
     assert b"append_entries" not in frame  # sealed, not plain pickle
@@ -886,13 +895,19 @@ def test_sealed_frames_round_trip_and_refuse_replay_tampering_and_other_keys():
     frame[-1] ^= 1  # one bit of the tag
     assert _deliver(bytes(frame), receiver) is None and receiver.state == 0
 
-    one = _sealed_pair("one secret")
-    _, receiver = _sealed_pair("another secret")
-    assert _deliver(_frame_of(one, {"x": 1}), receiver) is None and receiver.state == 0
-
-    plain = _sealed_pair(secret=None)  # plain, to a node that has a secret
-    _, receiver = _sealed_pair()
-    assert _deliver(_frame_of(plain, {"x": 1}), receiver) is None and receiver.state == 0
+    # Each refusal is logged with the reason an operator can act on (the AEAD's own error
+    # has an empty message).
+    for sender, to, reason in (("one secret", "another secret", "sealed with another cluster "
+                                                                "secret"),
+                               (None, "s3cret", "an unsealed frame: the peer runs without a "
+                                                "cluster secret"),
+                               ("s3cret", None, "a sealed frame: the peer has a cluster secret, "
+                                                "and this node has none")):
+        caplog.clear()
+        _, receiver = _sealed_pair(to)
+        assert _deliver(_frame_of(_sealed_pair(sender), {"x": 1}), receiver) is None
+        assert receiver.state == 0
+        assert [r.getMessage() for r in caplog.records if reason in r.getMessage()], reason
 
 
 def test_plain_frames_are_pickle_without_zlib():
