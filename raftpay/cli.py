@@ -418,12 +418,30 @@ def status(cluster: str | None, as_json: bool) -> None:
                    f"{'lag':>8}{'clock offset':>16}  address")
         for r in rows:
             lag = leader_commit - r["applied_index"] if "applied_index" in r else ""
-            click.echo(f"{str(r.get('id', '?')):<6}{r.get('role', '?'):<12}"
+            role = "stopped" if r.get("running") is False else r.get("role", "?")
+            click.echo(f"{str(r.get('id', '?')):<6}{role:<12}"
                        f"{str(r.get('term', '')):>6}{str(r.get('commit_index', '')):>10}"
                        f"{str(r.get('applied_index', '')):>10}{str(lag):>8}"
                        f"{_clock_text(r.get('clock')):>16}  {r['address']}")
+        for line in _status_problems(rows):
+            click.echo(line)
     if all(r.get("role") == "unreachable" for r in rows):
         sys.exit(EXIT_UNAVAILABLE)
+
+
+def _status_problems(rows: list[dict]) -> list[str]:
+    """What the table cannot show: why a node stopped its Raft (a full disk, an entry it
+    could not apply), and which peers a running node has no Raft connection to."""
+    out = []
+    for r in rows:
+        name = r.get("id", r["address"])
+        if r.get("fatal"):
+            out.append(f"{name}: stopped: {r['fatal']}")
+        down = sorted(str(p) for p, v in (r.get("peers") or {}).items()
+                      if isinstance(v, dict) and not v.get("connected"))
+        if down and r.get("running") is not False:
+            out.append(f"{name}: no Raft connection to {', '.join(down)}")
+    return out
 
 
 def _clock_text(clock: dict | None) -> str:

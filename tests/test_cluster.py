@@ -513,6 +513,7 @@ def test_cli_flow(cluster):
     assert r.returncode == 0 and "cli-t" in r.stdout
     r = run("status")
     assert r.returncode == 0 and r.stdout.count("leader") == 1
+    assert len(r.stdout.splitlines()) == 4  # the table alone: nothing stopped, every link up
     assert r.stdout.count("±") == 3  # each node's clock offset and bound
     r = run("status", "--cluster", "127.0.0.1:1")
     assert r.returncode == 3

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -80,3 +81,14 @@ def test_a_node_with_a_full_disk_stops_with_a_reason_and_the_others_go_on(small_
         leader = next(s for s in st.values() if s.get("role") == "leader")
         assert leader["id"] != "n2" and leader["commit_index"] > applied
         assert leader["peers"]["n2"]["match_index"] <= applied
+    # What an operator sees first: the table says n2 stopped, and below it why, and that the
+    # others have lost their link to it (its Raft is down).
+    r = subprocess.run([sys.executable, "-m", "raftpay", "status", "--cluster", c.seeds],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    row = next(line for line in r.stdout.splitlines() if line.startswith("n2 "))
+    assert row.split()[1] == "stopped", r.stdout
+    assert "n2: stopped: " in r.stdout and "No space left on device" in r.stdout, r.stdout
+    wait_until(lambda: all(f"{n}: no Raft connection to n2" in subprocess.run(
+        [sys.executable, "-m", "raftpay", "status", "--cluster", c.seeds], capture_output=True,
+        text=True, timeout=60).stdout for n in ("n1", "n3")), what="the others to miss n2")
