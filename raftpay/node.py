@@ -70,6 +70,7 @@ import gc
 import heapq
 import io
 import itertools
+import json
 import logging
 import os
 import pickle
@@ -159,6 +160,63 @@ def lock_data_dir(data_dir: str) -> int:
     except OSError:
         pass
     return fd
+
+
+#: Names the node a data dir belongs to: written at the node's first start, checked at every
+#: later one (`claim_data_dir`).
+NODE_FILE = "NODE"
+
+
+def claim_data_dir(data_dir: str, node_id: str, sync: bool = True) -> int:
+    """`lock_data_dir`, then make sure the dir is `node_id`'s: its NODE file names the node that
+    first started in it, and a dir of another node is refused with `FatalNodeError` (the lock
+    is given back).  A dir without the file (a first start) is claimed: the file is written and
+    synced before anything else is.
+
+    Why: the dir holds the node's term, vote and log, which the rest of the cluster counts on.
+    Another node started on it (a config copied from its neighbour, two configs swapped)
+    would forget its own vote and the entries it acknowledged and vote and acknowledge with
+    its neighbour's: two leaders in one term, or a committed entry lost.  `sync=False` (the
+    fsync policy "never") leaves the file to the page cache.  Blocks on file I/O."""
+    fd = lock_data_dir(data_dir)
+    try:
+        _check_owner(data_dir, node_id, sync)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check_owner(data_dir: str, node_id: str, sync: bool) -> None:
+    path = os.path.join(data_dir, NODE_FILE)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        tmp = path + ".writing"
+        with open(tmp, "wb") as f:
+            f.write(json.dumps({"node": node_id}).encode() + b"\n")
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+        if sync:
+            _fsync_dir(data_dir)
+        return
+    try:
+        owner = json.loads(raw)["node"]
+    except (ValueError, KeyError, TypeError):
+        owner = None
+    if not isinstance(owner, str):
+        raise FatalNodeError(f"{path} does not name the node the data dir belongs to "
+                             f"({raw[:60]!r}); restore it as {{\"node\": \"<id>\"}} or move "
+                             f"the data dir aside")
+    if owner != node_id:
+        raise FatalNodeError(
+            f"data dir {data_dir} belongs to node {owner!r}, and this is node {node_id!r}: "
+            f"each node keeps its own data dir (a config copied from another node?). Its term, "
+            f"vote and log are {owner}'s; started as {node_id} they could elect two leaders in "
+            f"one term or lose acknowledged entries")
 
 
 def _settle_heap() -> None:
@@ -2163,7 +2221,7 @@ class Node:
         self.raft_addr = raft_addr
         self.peers = dict(peers)
         self.data_dir = data_dir
-        self._dir_lock = -1  # fd of the data dir's LOCK while started (`lock_data_dir`)
+        self._dir_lock = -1  # fd of the data dir's LOCK while started (`claim_data_dir`)
         self.fsync = fsync
         self._secret = secret
         self._election_timeout_s = election_timeout_ms / 1000
@@ -2257,7 +2315,7 @@ class Node:
             raise RuntimeError("a Node starts once; create a new one to restart")
         os.makedirs(self.data_dir, exist_ok=True)
         # Before touching any file in it: the holder's writer files are removed just below.
-        self._dir_lock = lock_data_dir(self.data_dir)
+        self._dir_lock = claim_data_dir(self.data_dir, self.node_id, self.fsync == "always")
         try:
             self._start(loop)
         except BaseException:

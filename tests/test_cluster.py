@@ -384,6 +384,33 @@ def test_a_node_whose_term_vote_file_is_damaged_refuses_to_start(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def test_a_node_started_on_another_nodes_data_dir_refuses(tmp_path):
+    """Two configs whose data dirs got swapped (or one copied from a neighbour): the node says
+    whose dir it is and exits 1, and the dir's owner starts on it as before."""
+    import dataclasses
+
+    from raftpay.config import dump_toml
+    with local_cluster(tmp_path, nodes=1) as c:
+        c.start()
+        c.wait_for_leader()
+        c.stop()
+    cfg = c.configs[0]
+    other = dataclasses.replace(cfg.node, id="n9")
+    peers = tuple(dataclasses.replace(p, id="n9") for p in cfg.cluster.peers)
+    n9 = dataclasses.replace(cfg, node=other, cluster=dataclasses.replace(cfg.cluster,
+                                                                          peers=peers))
+    path = tmp_path / "n9.toml"
+    path.write_text(dump_toml(n9))
+    r = subprocess.run([sys.executable, "-m", "raftpay", "node", "start", "--config", str(path)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stderr
+    assert (f"refusing to start: data dir {cfg.node.data_dir} belongs to node 'n1', and this "
+            f"is node 'n9'") in r.stderr and "Traceback" not in r.stderr, r.stderr
+    with c:
+        c.start()
+        c.wait_for_leader()
+
+
 def test_a_nodes_log_lines_name_the_node(cluster):
     """Every line a node process logs carries its node id, also the lines whose message does not
     (a warning from the Raft adapter here): logs of several nodes merged or shipped to one place

@@ -254,6 +254,36 @@ def test_taken_port_fails_start(tmp_path):
         n.stop()
 
 
+def test_a_data_dir_is_one_nodes_own(cluster, tmp_path):
+    """A node's first start writes its id into the dir; another node is refused on it before
+    it reads or changes a file (it would vote and acknowledge with the first one's state), and
+    so is any node while the file does not name one."""
+    import json
+    c = cluster(ids=("a",)).start()
+    a = c.nodes["a"]
+    assert wait_for(lambda: a.is_leader(), what="single node leads")
+    assert propose(a, {"type": "register_session"})[0] == Code.OK
+    c.stop()
+    d = tmp_path / "a"
+    assert json.loads((d / rn.NODE_FILE).read_text()) == {"node": "a"}
+    before = {f.name: f.read_bytes() for f in d.iterdir() if f.is_file()}
+    with pytest.raises(rn.FatalNodeError, match=f"data dir {d} belongs to node 'a', and this is "
+                                                f"node 'b': each node keeps its own data dir"):
+        Node("b", free_addr(), {}, str(d)).start()
+    assert {f.name: f.read_bytes() for f in d.iterdir() if f.is_file()} == before
+    (d / rn.NODE_FILE).write_bytes(b"\x00garbage")
+    with pytest.raises(rn.FatalNodeError, match="does not name the node the data dir belongs"):
+        Node("a", free_addr(), {}, str(d)).start()
+    (d / rn.NODE_FILE).write_text('{"node": "a"}\n')
+    again = Node("a", free_addr(), {}, str(d))  # the refusals gave the lock back
+    again.start()
+    try:
+        assert wait_for(lambda: again.is_leader(), what="its own node leads again")
+        assert again.status()["last_log_index"] >= 2  # with its log
+    finally:
+        again.stop()
+
+
 def test_a_data_dir_serves_one_node_at_a_time(cluster, tmp_path):
     """A second node on a data dir in use is refused before it touches a file or binds its
     port; once the first stops, the dir is free again.  (Two nodes on one dir would append to

@@ -79,7 +79,7 @@ from kazoo.protocol.states import KazooState
 from raftpay import wire
 from raftpay.codes import Code, ProtocolError
 from raftpay.config import parse_addr
-from raftpay.node import lock_data_dir
+from raftpay.node import claim_data_dir
 from raftpay.zk.mirror import ZkMirror, _close_client, cluster_path, make_client
 
 log = logging.getLogger(__name__)
@@ -893,7 +893,7 @@ class ZkNode:
         self._lock = threading.Lock()  # guards the ledger (apply on the loop, query anywhere)
         self._ledger = None
         self._logfile = _LogFile(os.path.join(data_dir, LOG_FILE), fsync == "always")
-        self._dir_lock = -1  # fd of the data dir's LOCK while started (`lock_data_dir`)
+        self._dir_lock = -1  # fd of the data dir's LOCK while started (`claim_data_dir`)
         # Owned by the loop thread (read elsewhere only as single attributes).
         self._log: list[tuple[int, bytes]] = []  # batch seq i is self._log[i - 1]
         self._promised = 0
@@ -943,14 +943,15 @@ class ZkNode:
         """Replay the log file into a fresh ledger, bind the replication port, then join
         ZooKeeper (membership, election).  Blocks briefly (caller's thread); returns before
         ZooKeeper answers.  Raises `FatalNodeError` if the log cannot be replayed,
-        `raftpay.node.FatalNodeError` if another node holds the data dir, `OSError` if the port
-        is taken.  Not restartable: make a new `ZkNode`."""
+        `raftpay.node.FatalNodeError` if another node holds the data dir or it is another
+        node's, `OSError` if the port is taken.  Not restartable: make a new `ZkNode`."""
         if self._started:
             raise RuntimeError("a ZkNode starts once; create a new one to restart")
         self._started = True
         os.makedirs(self.data_dir, exist_ok=True)
-        # Before the log is opened: two nodes appending to one log would interleave batches.
-        self._dir_lock = lock_data_dir(self.data_dir)
+        # Before the log is opened: two nodes appending to one log would interleave batches,
+        # and another node's log holds epochs it promised, not ours.
+        self._dir_lock = claim_data_dir(self.data_dir, self.node_id, self._logfile.fsync)
         try:
             self._replay_and_bind()
         except BaseException:
