@@ -1,8 +1,8 @@
 """The `raftpay` command line.
 
 Design: one click group whose entry points users and docs rely on — `up` (a local cluster in the
-foreground), `demo` (the same plus a payment flow, then stop), `node start` (one node from a
-config file), `status`, `account create|show`, `transfer`, `history`, `logs merge`.  Help text
+foreground), `demo` (the same plus a payment flow, then stop), `node init` (a new node's data
+dir, once) and `node start` (one node from a config file), `status`, `account create|show`, `transfer`, `history`, `logs merge`.  Help text
 says why, not only what (rqlite `flags.toml`).
 
 Exit codes are for scripts: 0 success; 1 the ledger refused an event (its code is printed);
@@ -114,6 +114,35 @@ def node() -> None:
     """Run a node."""
 
 
+def _load_or_exit(config_path: str, doing: str = "start"):
+    from .config import ConfigError, load
+    try:
+        return load(config_path)
+    except (ConfigError, OSError) as e:
+        click.echo(f"refusing to {doing}: {e}", err=True)
+        sys.exit(EXIT_USAGE)
+
+
+@node.command("init")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="The node's TOML config (see configs/).")
+def node_init(config_path: str) -> None:
+    """Make a new node's data dir, once, before its first `node start`.
+
+    A node starts only on a dir made for it: one that lost its data (a new disk) must not
+    rejoin as itself with none (README, "A node that lost its data").  Refused (exit 1) if the
+    dir already belongs to a node or holds a node's files."""
+    from .node import FatalNodeError, init_data_dir
+    cfg = _load_or_exit(config_path, "initialize")
+    try:
+        init_data_dir(cfg.node.data_dir, cfg.node.id, sync=cfg.raft.fsync == "always")
+    except (FatalNodeError, OSError) as e:
+        click.echo(f"refusing to initialize: {e}", err=True)
+        sys.exit(EXIT_REFUSED)
+    click.echo(f"data dir {cfg.node.data_dir} is node {cfg.node.id}'s; start it with "
+               f"`raftpay node start --config {config_path}`")
+
+
 @node.command("start")
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
               help="The node's TOML config (see configs/).")
@@ -122,12 +151,7 @@ def node_start(config_path: str) -> None:
 
     The config is checked first: a node with a bad config refuses to start and says which key is
     wrong and what is allowed (exit code 2)."""
-    from .config import ConfigError, load
-    try:
-        cfg = load(config_path)
-    except (ConfigError, OSError) as e:
-        click.echo(f"refusing to start: {e}", err=True)
-        sys.exit(EXIT_USAGE)
+    cfg = _load_or_exit(config_path)
     _log_as(cfg.node.id)
     from .node import FatalNodeError
     fatal: tuple[type[Exception], ...] = (FatalNodeError,)
@@ -161,6 +185,31 @@ def node_start(config_path: str) -> None:
 
 class PortsInUse(RuntimeError):
     """A port a local cluster's node needs is taken (by another cluster, most likely)."""
+
+
+class DataMissing(RuntimeError):
+    """Some nodes of a local cluster have data and others none: a node that lost its data
+    must not rejoin as itself (`raftpay.node.NOT_INITIALIZED`)."""
+
+
+def init_new_cluster(configs) -> bool:
+    """Make every node's data dir (`raftpay.node.init_data_dir`) if none holds a node's data:
+    a new cluster, which is the only time a local cluster makes them; True if it did.  Raises
+    `DataMissing`, making nothing, if some hold data and some do not."""
+    from .node import data_dir_state, init_data_dir
+    states = {cfg.node.id: data_dir_state(cfg.node.data_dir) for cfg in configs}
+    empty = [i for i, state in states.items() if state == "empty"]
+    if not empty:
+        return False
+    if len(empty) < len(states):
+        others = [i for i in states if i not in empty]
+        raise DataMissing(
+            f"{', '.join(empty)} {'has' if len(empty) == 1 else 'have'} no data while "
+            f"{', '.join(others)} {'has' if len(others) == 1 else 'have'} some: a node that "
+            f"lost its data must not rejoin as itself (README, 'A node that lost its data')")
+    for cfg in configs:
+        init_data_dir(cfg.node.data_dir, cfg.node.id, sync=cfg.raft.fsync == "always")
+    return True
 
 
 def _port_taken(addr: str) -> bool:
@@ -220,7 +269,9 @@ class LocalCluster:
         """Start every node (or one).  `env` adds environment variables per node id (the test
         hooks, e.g. RAFTPAY_CLOCK_SKEW_MS); `prefix` wraps a node's command (e.g.
         `ip netns exec NS`).  Raises `PortsInUse`, starting nothing, if a port of theirs is
-        taken: a node would fail to bind it, and a client would find the cluster holding it."""
+        taken: a node would fail to bind it, and a client would find the cluster holding it.
+        Makes the nodes' data dirs for a new cluster (`init_new_cluster`; `DataMissing` if only
+        some have none)."""
         starting = [(cfg, path) for cfg, path in zip(self.configs, self.paths)
                     if not node_id or cfg.node.id == node_id]
         taken = [f"{addr} ({cfg.node.id} {kind})" for cfg, _ in starting
@@ -230,6 +281,7 @@ class LocalCluster:
         if taken:
             raise PortsInUse(f"{', '.join(taken)} in use: another cluster on these ports? "
                              f"Stop it, or pick another --base-port")
+        init_new_cluster(self.configs)
         for cfg, path in starting:
             log = open(self.log_path(cfg.node.id), "ab")
             self.procs[cfg.node.id] = subprocess.Popen(
@@ -335,7 +387,7 @@ def up(nodes: int, data_dir: str, base_port: int, fsync: str) -> None:
 def _start_or_exit(cluster: "LocalCluster") -> None:
     try:
         cluster.start()
-    except PortsInUse as e:
+    except (PortsInUse, DataMissing) as e:
         click.echo(f"not starting: {e}", err=True)
         cluster.close()
         sys.exit(EXIT_USAGE)

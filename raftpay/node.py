@@ -162,47 +162,47 @@ def lock_data_dir(data_dir: str) -> int:
     return fd
 
 
-#: Names the node a data dir belongs to: written at the node's first start, checked at every
-#: later one (`claim_data_dir`).
+#: Names the node a data dir belongs to: written by `init_data_dir` (or at the first start of
+#: a node that may claim a new dir), checked at every start (`claim_data_dir`).
 NODE_FILE = "NODE"
 
 
-def claim_data_dir(data_dir: str, node_id: str, sync: bool = True) -> int:
-    """`lock_data_dir`, then make sure the dir is `node_id`'s: its NODE file names the node that
-    first started in it, and a dir of another node is refused with `FatalNodeError` (the lock
-    is given back).  A dir without the file (a first start) is claimed: the file is written and
-    synced before anything else is.
+#: A node's state in its data dir (what it must not lose): the Raft journal, its term/vote
+#: file and snapshots, or the zk-election mode's log (`raftpay.zk.baseline.LOG_FILE`).  Not
+#: the lock, the NODE file or the event log, which a server writes before its node starts.
+STATE_FILE_PREFIXES = ("raft.", "zk-baseline.")
 
-    Why: the dir holds the node's term, vote and log, which the rest of the cluster counts on.
-    Another node started on it (a config copied from its neighbour, two configs swapped)
-    would forget its own vote and the entries it acknowledged and vote and acknowledge with
-    its neighbour's: two leaders in one term, or a committed entry lost.  `sync=False` (the
-    fsync policy "never") leaves the file to the page cache.  Blocks on file I/O."""
-    fd = lock_data_dir(data_dir)
+
+def _node_files(data_dir: str) -> list[str]:
+    """The files of a node's state (STATE_FILE_PREFIXES) in `data_dir`."""
     try:
-        _check_owner(data_dir, node_id, sync)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+        names = os.listdir(data_dir)
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in names if n.startswith(STATE_FILE_PREFIXES))
 
 
-def _check_owner(data_dir: str, node_id: str, sync: bool) -> None:
+def _write_owner(data_dir: str, node_id: str, sync: bool) -> None:
+    path = os.path.join(data_dir, NODE_FILE)
+    tmp = path + ".writing"
+    with open(tmp, "wb") as f:
+        f.write(json.dumps({"node": node_id}).encode() + b"\n")
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+    if sync:
+        _fsync_dir(data_dir)
+
+
+def _read_owner(data_dir: str) -> str | None:
+    """The node named by the dir's NODE file, None without one; FatalNodeError if unreadable."""
     path = os.path.join(data_dir, NODE_FILE)
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except FileNotFoundError:
-        tmp = path + ".writing"
-        with open(tmp, "wb") as f:
-            f.write(json.dumps({"node": node_id}).encode() + b"\n")
-            if sync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-        if sync:
-            _fsync_dir(data_dir)
-        return
+        return None
     try:
         owner = json.loads(raw)["node"]
     except (ValueError, KeyError, TypeError):
@@ -211,12 +211,76 @@ def _check_owner(data_dir: str, node_id: str, sync: bool) -> None:
         raise FatalNodeError(f"{path} does not name the node the data dir belongs to "
                              f"({raw[:60]!r}); restore it as {{\"node\": \"<id>\"}} or move "
                              f"the data dir aside")
-    if owner != node_id:
-        raise FatalNodeError(
-            f"data dir {data_dir} belongs to node {owner!r}, and this is node {node_id!r}: "
-            f"each node keeps its own data dir (a config copied from another node?). Its term, "
-            f"vote and log are {owner}'s; started as {node_id} they could elect two leaders in "
-            f"one term or lose acknowledged entries")
+    return owner
+
+
+#: Why `node start` refuses a data dir nobody initialized (`claim_data_dir(create=False)`).
+NOT_INITIALIZED = (
+    "data dir {data_dir} holds no node: a new node's dir is made once with `raftpay node init "
+    "--config ...`. If this node had data and lost it (a new disk, a wiped dir), it must not "
+    "rejoin as itself with none: it would forget its vote and the entries it acknowledged, "
+    "and could help elect a leader without them (acknowledged payments lost). See README, "
+    "'A node that lost its data'")
+
+
+def claim_data_dir(data_dir: str, node_id: str, sync: bool = True,
+                   create: bool = True) -> int:
+    """`lock_data_dir`, then make sure the dir is `node_id`'s: its NODE file names the node
+    it was made for, and a dir of another node is refused with `FatalNodeError` (the lock is
+    given back).  A dir without the file but with a node's files (made before NODE files
+    existed) is claimed.  An empty one is claimed only with `create` (in-process nodes, tests);
+    without it, `NOT_INITIALIZED` is the refusal.
+
+    Why: the dir holds the node's term, vote and log, which the rest of the cluster counts on.
+    Another node started on it (a config copied from its neighbour, two configs swapped), or
+    this node started on an empty dir after losing its data, would vote and acknowledge without
+    what it promised before: two leaders in one term, or a committed entry lost.  `sync=False`
+    (the fsync policy "never") leaves the file to the page cache.  Blocks on file I/O."""
+    fd = lock_data_dir(data_dir)
+    try:
+        owner = _read_owner(data_dir)
+        if owner is None:
+            if not create and not _node_files(data_dir):
+                raise FatalNodeError(NOT_INITIALIZED.format(data_dir=data_dir))
+            _write_owner(data_dir, node_id, sync)
+        elif owner != node_id:
+            raise FatalNodeError(
+                f"data dir {data_dir} belongs to node {owner!r}, and this is node "
+                f"{node_id!r}: each node keeps its own data dir (a config copied from another "
+                f"node?). Its term, vote and log are {owner}'s; started as {node_id} they could "
+                f"elect two leaders in one term or lose acknowledged entries")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def data_dir_state(data_dir: str) -> str:
+    """"node" (made for a node: it has a NODE file), "files" (a node's files without one: made
+    before NODE files existed) or "empty" (nothing of a node's, or no dir)."""
+    if os.path.exists(os.path.join(data_dir, NODE_FILE)):
+        return "node"
+    return "files" if _node_files(data_dir) else "empty"
+
+
+def init_data_dir(data_dir: str, node_id: str, sync: bool = True) -> None:
+    """Make `data_dir` a new node's (`raftpay node init`): create it and write its NODE file.
+    Refused with `FatalNodeError` if it already belongs to a node or holds a node's files, or
+    another process holds it: initializing is for a node that never ran, once."""
+    os.makedirs(data_dir, exist_ok=True)
+    fd = lock_data_dir(data_dir)
+    try:
+        owner = _read_owner(data_dir)
+        if owner is not None:
+            raise FatalNodeError(f"data dir {data_dir} already belongs to node {owner!r}; "
+                                 f"nothing to do (start it with `raftpay node start`)")
+        files = _node_files(data_dir)
+        if files:
+            raise FatalNodeError(f"data dir {data_dir} holds a node's files "
+                                 f"({', '.join(files[:4])}); it is no new node's")
+        _write_owner(data_dir, node_id, sync)
+    finally:
+        os.close(fd)
 
 
 def _settle_heap() -> None:
@@ -2199,7 +2263,8 @@ class Node:
                  log_compaction_min_entries: int = 5000, max_pending_proposals: int = 100_000,
                  ledger_cls=None, snapshot_in_background: bool = hasattr(os, "fork"),
                  snapshot_delay_s: float = 0.0, freeze_heap: bool = False,
-                 log_compaction_min_bytes: int = LOG_COMPACTION_BYTES):
+                 log_compaction_min_bytes: int = LOG_COMPACTION_BYTES,
+                 new_data_dir: bool = True):
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync must be one of {FSYNC_POLICIES}, not {fsync!r}")
         if heartbeat_ms is None:
@@ -2223,6 +2288,7 @@ class Node:
         self.data_dir = data_dir
         self._dir_lock = -1  # fd of the data dir's LOCK while started (`claim_data_dir`)
         self.fsync = fsync
+        self._new_data_dir = new_data_dir  # may claim an empty data dir (`claim_data_dir`)
         self._secret = secret
         self._election_timeout_s = election_timeout_ms / 1000
         self._heartbeat_s = heartbeat_ms / 1000
@@ -2315,7 +2381,8 @@ class Node:
             raise RuntimeError("a Node starts once; create a new one to restart")
         os.makedirs(self.data_dir, exist_ok=True)
         # Before touching any file in it: the holder's writer files are removed just below.
-        self._dir_lock = claim_data_dir(self.data_dir, self.node_id, self.fsync == "always")
+        self._dir_lock = claim_data_dir(self.data_dir, self.node_id, self.fsync == "always",
+                                        create=self._new_data_dir)
         try:
             self._start(loop)
         except BaseException:

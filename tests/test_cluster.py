@@ -326,6 +326,9 @@ def test_what_the_machine_refuses_at_start_is_said_in_one_line(cluster, tmp_path
         other = dataclasses.replace(cfg, node=dataclasses.replace(cfg.node, data_dir=data_dir))
         path = tmp_path / f"{name}.toml"
         path.write_text(dump_toml(other))
+        if name == "port":  # a new node's dir, made as an operator makes it
+            subprocess.run([sys.executable, "-m", "raftpay", "node", "init", "--config",
+                            str(path)], check=True, capture_output=True, timeout=60)
         r = subprocess.run([sys.executable, "-m", "raftpay", "node", "start", "--config",
                             str(path)], capture_output=True, text=True, timeout=60)
         assert r.returncode == 1, (name, r.stderr)
@@ -409,6 +412,61 @@ def test_a_node_started_on_another_nodes_data_dir_refuses(tmp_path):
     with c:
         c.start()
         c.wait_for_leader()
+
+
+def _free_base_port() -> int:
+    """A base port whose `raftpay up` layout (base.., base+100..) is free now."""
+    import random
+
+    from raftpay.cli import _port_taken
+    for _ in range(200):
+        base = random.randrange(20000, 30000)
+        if not any(_port_taken(f"127.0.0.1:{base + d}") for d in (0, 1, 2, 100, 101, 102)):
+            return base
+    raise AssertionError("no free base port")
+
+
+def test_a_node_that_lost_its_data_does_not_rejoin_as_itself_unasked(tmp_path):
+    """A node's data dir wiped (a new disk): its start is refused, and so is a local cluster's,
+    instead of the node voting and acknowledging as if it never had promised anything; an
+    operator who accepts the risk makes its dir again with `node init` and it catches up."""
+    import shutil
+
+    from raftpay.cli import DataMissing, LocalCluster
+    base, d = _free_base_port(), str(tmp_path / "cl")
+    c = LocalCluster(3, d, base)
+    try:
+        c.start()
+        with Client(c.seeds) as cl:
+            assert cl.create_account("kept", 840) == Code.OK
+    finally:
+        c.stop()
+    shutil.rmtree(c.configs[2].node.data_dir)
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "raftpay", *args], capture_output=True,
+                              text=True, timeout=60)
+    r = run("node", "start", "--config", c.paths[2])
+    assert r.returncode == 1 and "holds no node: a new node's dir is made once with " \
+        "`raftpay node init" in r.stderr and "must not rejoin as itself" in r.stderr, r.stderr
+    with pytest.raises(DataMissing, match="n3 has no data while n1, n2 have some"):
+        c.start()
+    assert c.procs == {}
+    r = run("up", "--data-dir", d, "--base-port", str(base))
+    assert r.returncode == 2 and "not starting: n3 has no data" in r.stderr, r.stderr
+    r = run("node", "init", "--config", c.paths[0])
+    assert r.returncode == 1 and "already belongs to node 'n1'" in r.stderr, r.stderr
+    r = run("node", "init", "--config", c.paths[2])
+    assert r.returncode == 0, r.stderr
+    try:
+        c.start()
+        c.wait_for_leader()
+        converged_hashes(c)
+        with Client(c.client_addrs[2]) as cl:
+            (acct,) = cl.lookup_accounts(["kept"], consistency="follower", min_version=1)
+            assert acct is not None
+    finally:
+        c.close()
 
 
 def test_a_nodes_log_lines_name_the_node(cluster):

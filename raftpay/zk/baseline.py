@@ -854,7 +854,7 @@ class ZkNode:
                  secret: str | None = None, fsync: str = "always", session_ttl_ms: int = 600_000,
                  on_apply: Callable[[int, int, list], None] | None = None,
                  propose_timeout_s: float = 30.0, read_timeout_s: float | None = None,
-                 ledger_cls=None):
+                 ledger_cls=None, new_data_dir: bool = True):
         if quorum not in QUORUMS:
             raise ValueError(f"quorum must be one of {QUORUMS}, not {quorum!r}")
         if fsync not in FSYNC_POLICIES:
@@ -868,6 +868,7 @@ class ZkNode:
         self.data_dir = data_dir
         self.quorum = quorum
         self.fsync = fsync
+        self._new_data_dir = new_data_dir  # may claim an empty data dir (`claim_data_dir`)
         self.majority = (len(peers) + 1) // 2 + 1
         self.session_timeout_s = session_timeout_ms / 1000
         # A member that holds a batch up this long leaves the ISR: as long as ZooKeeper takes
@@ -927,7 +928,7 @@ class ZkNode:
         self._started = False
 
     @classmethod
-    def from_config(cls, cfg, *, on_apply=None) -> "ZkNode":
+    def from_config(cls, cfg, *, on_apply=None, new_data_dir: bool = True) -> "ZkNode":
         """A node from a validated `NodeConfig` (`[zk]` and `[raft] fsync` apply)."""
         return cls(cfg.node.id, cfg.node.raft_addr, cfg.node.client_addr,
                    {p.id: p.raft_addr for p in cfg.other_peers}, cfg.node.data_dir,
@@ -935,7 +936,8 @@ class ZkNode:
                    digest=cfg.zk.digest or None, quorum=cfg.zk.quorum,
                    session_timeout_ms=cfg.zk.session_timeout_ms,
                    secret=cfg.cluster.secret or None, fsync=cfg.raft.fsync,
-                   session_ttl_ms=cfg.ledger.session_ttl_ms, on_apply=on_apply)
+                   session_ttl_ms=cfg.ledger.session_ttl_ms, on_apply=on_apply,
+                   new_data_dir=new_data_dir)
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -951,7 +953,8 @@ class ZkNode:
         os.makedirs(self.data_dir, exist_ok=True)
         # Before the log is opened: two nodes appending to one log would interleave batches,
         # and another node's log holds epochs it promised, not ours.
-        self._dir_lock = claim_data_dir(self.data_dir, self.node_id, self._logfile.fsync)
+        self._dir_lock = claim_data_dir(self.data_dir, self.node_id, self._logfile.fsync,
+                                        create=self._new_data_dir)
         try:
             self._replay_and_bind()
         except BaseException:
@@ -1655,7 +1658,9 @@ async def serve(cfg, *, stop: asyncio.Event | None = None, on_ready=None) -> Non
     from raftpay.server import Server, ServerSettings, _observe, stop_on_signals
 
     hlc = HLC(max_offset_ms=cfg.clock.max_offset_ms)
-    node = ZkNode.from_config(cfg, on_apply=lambda index, ts, replies: _observe(hlc, ts))
+    # `raftpay node init` makes a new node's dir (`raftpay.node.claim_data_dir`).
+    node = ZkNode.from_config(cfg, on_apply=lambda index, ts, replies: _observe(hlc, ts),
+                              new_data_dir=False)
     by_id = {p.id: p.client_addr for p in cfg.cluster.peers}
     server = Server(node, stamp=hlc.now, client_addr_of=by_id.get,
                     settings=ServerSettings.from_config(cfg),

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 
+from raftpay.cli import init_new_cluster
 from raftpay.client import Client
 from raftpay.codes import RaftpayError
 from raftpay.config import (ClusterConfig, NodeConfig, NodeSection, Peer, RaftConfig, ZkConfig,
@@ -178,6 +179,7 @@ class ChaosCluster:
     def start(self, nid: str | None = None, skew_ms: int | None = None) -> None:
         """Start one node (or every node not running).  `skew_ms` sets the node's clock skew
         from now on (None keeps the last one)."""
+        init_new_cluster(list(self.configs.values()))  # the first start: `raftpay node init`
         for node_id in ([nid] if nid else self.ids):
             if self.alive(node_id):
                 continue
