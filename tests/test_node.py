@@ -254,17 +254,22 @@ def test_taken_port_fails_start(tmp_path):
         n.stop()
 
 
-def test_a_data_dir_is_one_nodes_own(cluster, tmp_path):
-    """A node's first start writes its id into the dir; another node is refused on it before
-    it reads or changes a file (it would vote and acknowledge with the first one's state), and
-    so is any node while the file does not name one."""
-    import json
+def _a_stopped_node_with_a_log(cluster, tmp_path):
+    """Node "a" alone: elected, one entry committed, stopped; returns its cluster and dir."""
     c = cluster(ids=("a",)).start()
     a = c.nodes["a"]
     assert wait_for(lambda: a.is_leader(), what="single node leads")
     assert propose(a, {"type": "register_session"})[0] == Code.OK
     c.stop()
-    d = tmp_path / "a"
+    return c, tmp_path / "a"
+
+
+def test_a_data_dir_is_one_nodes_own(cluster, tmp_path):
+    """A node's first start writes its id into the dir; another node is refused on it before
+    it reads or changes a file (it would vote and acknowledge with the first one's state), and
+    so is any node while the file does not name one."""
+    import json
+    _, d = _a_stopped_node_with_a_log(cluster, tmp_path)
     assert json.loads((d / rn.NODE_FILE).read_text()) == {"node": "a"}
     before = {f.name: f.read_bytes() for f in d.iterdir() if f.is_file()}
     with pytest.raises(rn.FatalNodeError, match=f"data dir {d} belongs to node 'a', and this is "
@@ -342,12 +347,7 @@ def test_a_damaged_or_missing_term_vote_file_fails_start_and_changes_nothing(
         cluster, tmp_path, damage):
     # Upstream reads the file as term 0 and no vote whatever is wrong with it: a node that voted
     # in a term could vote again in it (test_raft_adapter pins that).  It must refuse to start.
-    c = cluster(ids=("a",)).start()
-    n = c.nodes["a"]
-    assert wait_for(lambda: n.is_leader(), what="single node leads")
-    assert propose(n, {"type": "register_session"})[0] == Code.OK
-    c.stop()
-    d = tmp_path / "a"
+    c, d = _a_stopped_node_with_a_log(cluster, tmp_path)
     meta = d / (rn.JOURNAL_FILE + ".meta")
     assert rn._MetaUnpickler(io.BytesIO(meta.read_bytes())).load()["currentTerm"] >= 1
     bad = _term_vote_damage()[damage]
