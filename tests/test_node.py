@@ -266,8 +266,9 @@ def _a_stopped_node_with_a_log(cluster, tmp_path):
 
 def test_a_data_dir_is_one_nodes_own(cluster, tmp_path):
     """A node's first start writes its id into the dir; another node is refused on it before
-    it reads or changes a file (it would vote and acknowledge with the first one's state), and
-    so is any node while the file does not name one."""
+    it reads or changes a file (it would vote and acknowledge with the first one's state), so
+    is any node while the file does not name one, and a node that may not make a new dir is
+    refused an empty one."""
     import json
     _, d = _a_stopped_node_with_a_log(cluster, tmp_path)
     assert json.loads((d / rn.NODE_FILE).read_text()) == {"node": "a"}
@@ -279,12 +280,21 @@ def test_a_data_dir_is_one_nodes_own(cluster, tmp_path):
     (d / rn.NODE_FILE).write_bytes(b"\x00garbage")
     with pytest.raises(rn.FatalNodeError, match="does not name the node the data dir belongs"):
         Node("a", free_addr(), {}, str(d)).start()
-    (d / rn.NODE_FILE).write_text('{"node": "a"}\n')
-    again = Node("a", free_addr(), {}, str(d))  # the refusals gave the lock back
+    assert (d / rn.NODE_FILE).read_bytes() == b"\x00garbage"
+    # A dir from before NODE files (a journal, no NODE) is claimed by the node that starts on
+    # it, even one that may not make a new dir (`raftpay node start`); an empty dir is not.
+    (d / rn.NODE_FILE).unlink()
+    empty = tmp_path / "empty"
+    with pytest.raises(rn.FatalNodeError, match="holds no node: a new node's dir is made once"):
+        Node("a", free_addr(), {}, str(empty), new_data_dir=False).start()
+    assert rn.data_dir_state(str(empty)) == "empty" and rn.data_dir_state(str(d)) == "files"
+    again = Node("a", free_addr(), {}, str(d), new_data_dir=False)  # refusals gave the lock back
     again.start()
     try:
         assert wait_for(lambda: again.is_leader(), what="its own node leads again")
         assert again.status()["last_log_index"] >= 2  # with its log
+        assert rn.data_dir_state(str(d)) == "node"
+        assert json.loads((d / rn.NODE_FILE).read_text()) == {"node": "a"}
     finally:
         again.stop()
 
