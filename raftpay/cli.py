@@ -126,20 +126,30 @@ def _load_or_exit(config_path: str, doing: str = "start"):
 @node.command("init")
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
               help="The node's TOML config (see configs/).")
-def node_init(config_path: str) -> None:
+@click.option("--rejoin", is_flag=True,
+              help="For a node of a running cluster that lost its data (a new disk): it does "
+                   "not vote or stand for leader until it holds what the cluster committed.")
+def node_init(config_path: str, rejoin: bool) -> None:
     """Make a new node's data dir, once, before its first `node start`.
 
-    A node starts only on a dir made for it: one that lost its data (a new disk) must not
-    rejoin as itself with none (README, "A node that lost its data").  Refused (exit 1) if the
+    A node starts only on a dir made for it: one that lost its data must come back with
+    --rejoin, not as a new node (README, "A node that lost its data").  Refused (exit 1) if the
     dir already belongs to a node or holds a node's files."""
     from .node import FatalNodeError, init_data_dir
     cfg = _load_or_exit(config_path, "initialize")
+    if rejoin and cfg.node.mode != "raft":
+        click.echo(f"refusing to initialize: --rejoin is for raft mode, not {cfg.node.mode}",
+                   err=True)
+        sys.exit(EXIT_USAGE)
     try:
-        init_data_dir(cfg.node.data_dir, cfg.node.id, sync=cfg.raft.fsync == "always")
+        init_data_dir(cfg.node.data_dir, cfg.node.id, sync=cfg.raft.fsync == "always",
+                      rejoin=rejoin)
     except (FatalNodeError, OSError) as e:
         click.echo(f"refusing to initialize: {e}", err=True)
         sys.exit(EXIT_REFUSED)
-    click.echo(f"data dir {cfg.node.data_dir} is node {cfg.node.id}'s; start it with "
+    how = (" to rejoin: it votes again once it holds what the cluster committed"
+           if rejoin else "")
+    click.echo(f"data dir {cfg.node.data_dir} is node {cfg.node.id}'s{how}; start it with "
                f"`raftpay node start --config {config_path}`")
 
 
@@ -206,7 +216,8 @@ def init_new_cluster(configs) -> bool:
         raise DataMissing(
             f"{', '.join(empty)} {'has' if len(empty) == 1 else 'have'} no data while "
             f"{', '.join(others)} {'has' if len(others) == 1 else 'have'} some: a node that "
-            f"lost its data must not rejoin as itself (README, 'A node that lost its data')")
+            f"lost its data comes back with `raftpay node init --rejoin --config ...` "
+            f"(README, 'A node that lost its data')")
     for cfg in configs:
         init_data_dir(cfg.node.data_dir, cfg.node.id, sync=cfg.raft.fsync == "always")
     return True
@@ -489,6 +500,9 @@ def _status_problems(rows: list[dict]) -> list[str]:
         name = r.get("id", r["address"])
         if r.get("fatal"):
             out.append(f"{name}: stopped: {r['fatal']}")
+        if r.get("rejoining") and r.get("running") is not False:
+            out.append(f"{name}: rejoining after losing its data: does not vote until it "
+                       f"holds what the cluster committed")
         down = sorted(str(p) for p, v in (r.get("peers") or {}).items()
                       if isinstance(v, dict) and not v.get("connected"))
         if down and r.get("running") is not False:

@@ -182,11 +182,15 @@ def _node_files(data_dir: str) -> list[str]:
     return sorted(n for n in names if n.startswith(STATE_FILE_PREFIXES))
 
 
-def _write_owner(data_dir: str, node_id: str, sync: bool) -> None:
+def write_node_file(data_dir: str, node_id: str, sync: bool, rejoin: bool = False) -> None:
+    """Write the dir's NODE file (atomically; durably with `sync`).  `rejoin` marks a node
+    that lost its data: it does not vote until it holds what the cluster committed
+    (`_RaftpaySyncObj.rp_abstain`), and the node rewrites the file without it then."""
     path = os.path.join(data_dir, NODE_FILE)
     tmp = path + ".writing"
+    body = {"node": node_id, "rejoin": True} if rejoin else {"node": node_id}
     with open(tmp, "wb") as f:
-        f.write(json.dumps({"node": node_id}).encode() + b"\n")
+        f.write(json.dumps(body).encode() + b"\n")
         if sync:
             f.flush()
             os.fsync(f.fileno())
@@ -195,8 +199,9 @@ def _write_owner(data_dir: str, node_id: str, sync: bool) -> None:
         _fsync_dir(data_dir)
 
 
-def _read_owner(data_dir: str) -> str | None:
-    """The node named by the dir's NODE file, None without one; FatalNodeError if unreadable."""
+def read_node_file(data_dir: str) -> dict | None:
+    """The dir's NODE file ({"node": id, "rejoin"?: true}), None without one; FatalNodeError
+    if it does not name a node."""
     path = os.path.join(data_dir, NODE_FILE)
     try:
         with open(path, "rb") as f:
@@ -204,23 +209,30 @@ def _read_owner(data_dir: str) -> str | None:
     except FileNotFoundError:
         return None
     try:
-        owner = json.loads(raw)["node"]
+        info = json.loads(raw)
+        owner = info["node"]
     except (ValueError, KeyError, TypeError):
-        owner = None
-    if not isinstance(owner, str):
+        info, owner = None, None
+    if not isinstance(owner, str) or not isinstance(info.get("rejoin", False), bool):
         raise FatalNodeError(f"{path} does not name the node the data dir belongs to "
                              f"({raw[:60]!r}); restore it as {{\"node\": \"<id>\"}} or move "
                              f"the data dir aside")
-    return owner
+    return info
+
+
+def _read_owner(data_dir: str) -> str | None:
+    info = read_node_file(data_dir)
+    return None if info is None else info["node"]
 
 
 #: Why `node start` refuses a data dir nobody initialized (`claim_data_dir(create=False)`).
 NOT_INITIALIZED = (
     "data dir {data_dir} holds no node: a new node's dir is made once with `raftpay node init "
     "--config ...`. If this node had data and lost it (a new disk, a wiped dir), it must not "
-    "rejoin as itself with none: it would forget its vote and the entries it acknowledged, "
-    "and could help elect a leader without them (acknowledged payments lost). See README, "
-    "'A node that lost its data'")
+    "rejoin as a new node: it would have forgotten its vote and the entries it acknowledged, "
+    "and could help elect a leader without them (acknowledged payments lost). Make its dir "
+    "with `raftpay node init --rejoin --config ...`: it then votes only once it holds what the "
+    "cluster committed. See README, 'A node that lost its data'")
 
 
 def claim_data_dir(data_dir: str, node_id: str, sync: bool = True,
@@ -242,7 +254,7 @@ def claim_data_dir(data_dir: str, node_id: str, sync: bool = True,
         if owner is None:
             if not create and not _node_files(data_dir):
                 raise FatalNodeError(NOT_INITIALIZED.format(data_dir=data_dir))
-            _write_owner(data_dir, node_id, sync)
+            write_node_file(data_dir, node_id, sync)
         elif owner != node_id:
             raise FatalNodeError(
                 f"data dir {data_dir} belongs to node {owner!r}, and this is node "
@@ -263,10 +275,11 @@ def data_dir_state(data_dir: str) -> str:
     return "files" if _node_files(data_dir) else "empty"
 
 
-def init_data_dir(data_dir: str, node_id: str, sync: bool = True) -> None:
-    """Make `data_dir` a new node's (`raftpay node init`): create it and write its NODE file.
-    Refused with `FatalNodeError` if it already belongs to a node or holds a node's files, or
-    another process holds it: initializing is for a node that never ran, once."""
+def init_data_dir(data_dir: str, node_id: str, sync: bool = True, rejoin: bool = False) -> None:
+    """Make `data_dir` a new node's (`raftpay node init`): create it and write its NODE file;
+    `rejoin` for a node of a running cluster that lost its data (`write_node_file`).  Refused
+    with `FatalNodeError` if it already belongs to a node or holds a node's files, or another
+    process holds it: initializing is for an empty dir, once."""
     os.makedirs(data_dir, exist_ok=True)
     fd = lock_data_dir(data_dir)
     try:
@@ -278,7 +291,7 @@ def init_data_dir(data_dir: str, node_id: str, sync: bool = True) -> None:
         if files:
             raise FatalNodeError(f"data dir {data_dir} holds a node's files "
                                  f"({', '.join(files[:4])}); it is no new node's")
-        _write_owner(data_dir, node_id, sync)
+        write_node_file(data_dir, node_id, sync, rejoin)
     finally:
         os.close(fd)
 
@@ -1689,9 +1702,16 @@ class _RaftpaySyncObj(SyncObj):
         self._rp_election_at = at
         self._rp_elect_now = False
 
+    #: A node that lost its data and rejoins (`write_node_file(rejoin=True)`): it neither
+    #: votes, pre-votes nor stands until `Node` clears this, once its log holds an entry of the
+    #: current term that is committed, and with it everything committed before.  It forgot the
+    #: entries it acknowledged; a vote from it could elect a leader that lacks them.  Its
+    #: acknowledgements of entries it now holds are sound, so it still replicates.
+    rp_abstain = False
+
     def _rp_maybe_pre_vote(self) -> None:
         """Before upstream's tick: start a pre-vote round if the election timer ran out."""
-        if (self._rp_elect_now or self._SyncObj__selfNode is None
+        if (self._rp_elect_now or self._SyncObj__selfNode is None or self.rp_abstain
                 or self._SyncObj__raftState == _RAFT_STATE.LEADER):
             return
         now = _pso_monotonic()
@@ -1722,7 +1742,7 @@ class _RaftpaySyncObj(SyncObj):
         carries our term, so an asker behind in terms learns it (as etcd does: otherwise a node
         with the most up-to-date log and an old term could never be elected)."""
         mine = (self._SyncObj__getCurrentLogTerm(), self._SyncObj__getCurrentLogIndex())
-        grant = (message["term"] > self._SyncObj__raftCurrentTerm
+        grant = (message["term"] > self._SyncObj__raftCurrentTerm and not self.rp_abstain
                  and self._SyncObj__raftState != _RAFT_STATE.LEADER
                  and (_pso_monotonic() - self._rp_leader_seen
                       >= self._SyncObj__conf.raftMinTimeout)
@@ -1920,8 +1940,12 @@ class _RaftpaySyncObj(SyncObj):
         elif kind == "next_node_idx":
             self._rp_on_next_node_idx(node, message)
         elif kind in ("request_vote", "response_vote"):
+            if kind == "request_vote" and self.rp_abstain:
+                return  # no answer: to the candidate, a node that is slow to vote
             SyncObj._SyncObj__onMessageReceived(self, node, message)
         elif kind == "timeout_now":
+            if self.rp_abstain:
+                return  # it may not stand either
             SyncObj._SyncObj__onMessageReceived(self, node, message)
             if self._rp_election_at == 0:  # upstream accepted it: the leader asks us to elect
                 self._rp_elect_now = True  # now, without a pre-vote its followers would refuse
@@ -2427,6 +2451,8 @@ class Node:
             raise OSError(f"cannot bind Raft address {self.raft_addr} (another process holds "
                           f"it?): {e}") from None
         self._so = so
+        # Before the first tick, which is the first that could answer a vote.
+        so.rp_abstain = bool((read_node_file(self.data_dir) or {}).get("rejoin"))
         so.addOnTickCallback(self._on_tick)
         if loop is None:
             self._wake_r, self._wake_w = os.pipe()
@@ -2645,6 +2671,7 @@ class Node:
                   applied_index=so.raftLastApplied, last_log_index=last,
                   leader_id=self.leader_id, log_size=size,
                   journal_syncs=so.rp_journal_syncs(), ready=self._ready.is_set(),
+                  rejoining=so.rp_abstain,
                   snapshot_writing=so.rp_snapshot_writing())
         peers = {}
         for addr, p in so.rp_peers().items():
@@ -2838,6 +2865,8 @@ class Node:
         if now >= self._next_peer_check:
             self._next_peer_check = now + 1.0
             self._check_peers(so, now)
+            if so.rp_abstain and so.raftCurrentTerm > 0 and so.rp_committed_in_term():
+                self._end_rejoin(so)  # (term 0: the journal's first entry, no leader's)
         so.rp_compact_if_due_by_bytes()
         if is_leader and now < self._step_down_until and now >= self._next_step_down_try:
             self._next_step_down_try = now + self._heartbeat_s
@@ -2848,6 +2877,21 @@ class Node:
             self._ready.set()
         self._published_log = (so.rp_last_index(), so._getRaftLogSize())
         self._published_role = (so.rp_role(), so.raftCurrentTerm, so.rp_leader_addr())
+
+    def _end_rejoin(self, so: _RaftpaySyncObj) -> None:
+        """A rejoining node (`rp_abstain`) whose commit index reached an entry of the current
+        term holds everything committed before this term (Raft's leader completeness: the
+        leader's log did, and ours matches it up to there): it may vote and stand again.  The
+        NODE file loses its mark first, so a restart does not abstain again for nothing."""
+        try:
+            write_node_file(self.data_dir, self.node_id, self.fsync == "always")
+        except OSError as e:
+            log.warning("%s: caught up after rejoining, but cannot rewrite %s (%s); still not "
+                        "voting, will try again", self.node_id, NODE_FILE, e)
+            return
+        so.rp_abstain = False
+        log.info("%s: caught up after rejoining (commit index %d, term %d): votes again",
+                 self.node_id, so.raftCommitIndex, so.raftCurrentTerm)
 
     def _check_peers(self, so: _RaftpaySyncObj, now: float) -> None:
         """Name a peer this node has had no Raft connection to for PEER_DOWN_REPORT_S, once

@@ -426,29 +426,40 @@ def _free_base_port() -> int:
     raise AssertionError("no free base port")
 
 
-def test_a_node_that_lost_its_data_does_not_rejoin_as_itself_unasked(tmp_path):
-    """A node's data dir wiped (a new disk): its start is refused, and so is a local cluster's,
-    instead of the node voting and acknowledging as if it never had promised anything; an
-    operator who accepts the risk makes its dir again with `node init` and it catches up."""
+def test_a_node_that_lost_its_data_rejoins_without_a_vote_until_it_caught_up(tmp_path):
+    """A payment committed by n1 and n3 while n2 was down; then n3's disk is wiped.  Started
+    empty as itself, n3 would vote for n2, which lacks the payment, and with n1 down the two
+    would elect n2 and lose it.  Its start is refused (and a local cluster's) until an operator
+    makes its dir with `node init --rejoin`; then it does not vote until it holds what the
+    cluster committed, so n2 and n3 alone elect nobody, and once n1 is back n3 catches up and
+    votes again, with the payment everywhere."""
+    import json
     import shutil
+    import time
 
     from raftpay.cli import DataMissing, LocalCluster
     base, d = _free_base_port(), str(tmp_path / "cl")
     c = LocalCluster(3, d, base)
+    addr = {cfg.node.id: cfg.node.client_addr for cfg in c.configs}
     try:
         c.start()
+        c.wait_for_leader()
         with Client(c.seeds) as cl:
-            assert cl.create_account("kept", 840) == Code.OK
+            assert cl.create_accounts([{"id": i, "currency": 840} for i in ("a", "b")]) \
+                == [Code.OK, Code.OK]
+            c.kill("n2")
+            assert cl.transfer("paid", "a", "b", 7, 840) == Code.OK  # on n1 and n3 only
     finally:
         c.stop()
-    shutil.rmtree(c.configs[2].node.data_dir)
+    n3_dir = c.configs[2].node.data_dir
+    shutil.rmtree(n3_dir)
 
     def run(*args):
         return subprocess.run([sys.executable, "-m", "raftpay", *args], capture_output=True,
                               text=True, timeout=60)
     r = run("node", "start", "--config", c.paths[2])
-    assert r.returncode == 1 and "holds no node: a new node's dir is made once with " \
-        "`raftpay node init" in r.stderr and "must not rejoin as itself" in r.stderr, r.stderr
+    assert r.returncode == 1 and "holds no node" in r.stderr \
+        and "raftpay node init --rejoin --config" in r.stderr, r.stderr
     with pytest.raises(DataMissing, match="n3 has no data while n1, n2 have some"):
         c.start()
     assert c.procs == {}
@@ -456,15 +467,30 @@ def test_a_node_that_lost_its_data_does_not_rejoin_as_itself_unasked(tmp_path):
     assert r.returncode == 2 and "not starting: n3 has no data" in r.stderr, r.stderr
     r = run("node", "init", "--config", c.paths[0])
     assert r.returncode == 1 and "already belongs to node 'n1'" in r.stderr, r.stderr
-    r = run("node", "init", "--config", c.paths[2])
-    assert r.returncode == 0, r.stderr
+    r = run("node", "init", "--rejoin", "--config", c.paths[2])
+    assert r.returncode == 0 and "to rejoin" in r.stdout, r.stderr
     try:
-        c.start()
-        c.wait_for_leader()
+        c.start("n2")
+        c.start("n3")
+        wait_until(lambda: node_statuses(c).get("n3", {}).get("rejoining"), 20,
+                   "n3 up and rejoining")
+        deadline = time.monotonic() + 4.0  # four election timeouts
+        while time.monotonic() < deadline:
+            roles = {i: st.get("role") for i, st in node_statuses(c).items()}
+            assert "leader" not in roles.values(), roles  # n2 lacks the payment
+            time.sleep(0.1)
+        r = run("status", "--cluster", c.seeds)
+        assert "n3: rejoining after losing its data" in r.stdout, r.stdout
+        c.start("n1")
+        wait_until(lambda: node_statuses(c).get("n3", {}).get("rejoining") is False, 30,
+                   "n3 to catch up and vote again")
         converged_hashes(c)
-        with Client(c.client_addrs[2]) as cl:
-            (acct,) = cl.lookup_accounts(["kept"], consistency="follower", min_version=1)
-            assert acct is not None
+        assert json.loads(open(os.path.join(n3_dir, "NODE")).read()) == {"node": "n3"}
+        with Client(addr["n3"]) as cl:
+            (t,) = cl.lookup_transfers(["paid"], consistency="follower", min_version=1)
+            assert t is not None and t["amount"] == 7
+        with Client(c.seeds) as cl:
+            assert cl.transfer("paid", "a", "b", 7, 840) == Code.EXISTS
     finally:
         c.close()
 

@@ -1093,6 +1093,29 @@ def test_pre_vote_is_granted_only_without_a_leader_and_to_an_up_to_date_log(rp_p
     assert follower._SyncObj__raftElectionDeadline == float("inf")
 
 
+def test_a_rejoining_node_neither_votes_nor_stands(rp_pair):
+    """`rp_abstain` (a node that lost its data): no pre-vote granted, a vote request left
+    unanswered, and no election of its own, however long it hears from no leader."""
+    a, b = rp_pair
+    a.rp_abstain = True
+    a._rp_leader_seen -= 10.0  # as if no leader for a long time
+    assert not _ask(a, a.raftCurrentTerm + 1)
+    out = _answers(a)
+    a._SyncObj__onMessageReceived(_the_other(a), {
+        "type": "request_vote", "term": a.raftCurrentTerm + 1,
+        "last_log_index": a.rp_last_index() + 5, "last_log_term": 9})
+    del a._SyncObj__transport.send
+    assert out == [] and a.raftCurrentTerm == 0
+    deadline = time.monotonic() + 1.0  # five election timeouts of 0.2 s
+    while time.monotonic() < deadline:
+        for o in rp_pair:
+            o.rp_tick(0.002)
+        assert not any(o._isLeader() for o in rp_pair)  # b needs a's vote and cannot get it
+    assert a.raftCurrentTerm == 0 and a.rp_role() == "follower"
+    a.rp_abstain = False
+    tick_until(rp_pair, lambda: any(o._isLeader() for o in rp_pair), what="a leader at last")
+
+
 def test_an_answer_from_a_later_term_is_taken_and_a_stale_grant_is_not_counted(rp_pair):
     leader, follower = _leader_follower(rp_pair)
     term = follower.raftCurrentTerm
