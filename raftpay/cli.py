@@ -141,6 +141,12 @@ def node_init(config_path: str, rejoin: bool) -> None:
         click.echo(f"refusing to initialize: --rejoin is for raft mode, not {cfg.node.mode}",
                    err=True)
         sys.exit(EXIT_USAGE)
+    if rejoin and len(cfg.cluster.peers) == 1:
+        # It would wait for ever for a leader to catch up from; there is nobody to ask.
+        click.echo("refusing to initialize: --rejoin catches up from the other nodes, and "
+                   "this cluster has none (a one-node cluster that lost its data starts anew "
+                   "with `raftpay node init`)", err=True)
+        sys.exit(EXIT_USAGE)
     try:
         init_data_dir(cfg.node.data_dir, cfg.node.id, sync=cfg.raft.fsync == "always",
                       rejoin=rejoin)

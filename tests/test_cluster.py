@@ -495,6 +495,27 @@ def test_a_node_that_lost_its_data_rejoins_without_a_vote_until_it_caught_up(tmp
         c.close()
 
 
+def test_node_init_refuses_what_it_cannot_do(tmp_path):
+    """`--rejoin` with nobody to catch up from (a one-node cluster would wait for ever) or in
+    zk-election mode, and a config that does not load: a usage error, nothing made."""
+    from raftpay.config import ZkConfig, dump_toml, make_local_cluster
+    one = make_local_cluster(1, 0, tmp_path / "one", ports=[(1, 2)])[0]
+    zk = make_local_cluster(3, 0, tmp_path / "zk", ports=[(1, 2), (3, 4), (5, 6)],
+                            mode="zk-election", zk=ZkConfig(hosts="127.0.0.1:2181"))[0]
+    (tmp_path / "bad.toml").write_text("[node\n")
+    for cfg, path, args, words in (
+            (one, tmp_path / "one.toml", ["--rejoin"], "this cluster has none"),
+            (zk, tmp_path / "zk.toml", ["--rejoin"], "--rejoin is for raft mode"),
+            (None, tmp_path / "bad.toml", [], "refusing to initialize: ")):
+        if cfg is not None:
+            path.write_text(dump_toml(cfg))
+        r = subprocess.run([sys.executable, "-m", "raftpay", "node", "init", *args, "--config",
+                            str(path)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and words in r.stderr, (path, r.stderr)
+        if cfg is not None:
+            assert not os.path.exists(cfg.node.data_dir)
+
+
 def test_a_nodes_log_lines_name_the_node(cluster):
     """Every line a node process logs carries its node id, also the lines whose message does not
     (a warning from the Raft adapter here): logs of several nodes merged or shipped to one place
