@@ -864,6 +864,26 @@ PEER_DOWN_REPORT_S = 10.0
 _I32 = struct.Struct("i")  # upstream's length prefix: a native int
 
 
+class PeerComplaints:
+    """Warnings about a misbehaving peer, each kind at most once per PEER_COMPLAINT_INTERVAL_S
+    with a count of what was held back since: a misconfigured peer reconnects every half
+    second, for as long as it runs.  Not thread-safe (one node's loop)."""
+
+    def __init__(self, logger: logging.Logger):
+        self._log = logger
+        self._seen: dict = {}  # key -> [last logged (monotonic), held back since]
+
+    def warn(self, key, message: str) -> None:
+        now = time.monotonic()
+        seen = self._seen.get(key)
+        if seen is not None and now - seen[0] < PEER_COMPLAINT_INTERVAL_S:
+            seen[1] += 1
+            return
+        more = f" ({seen[1]} more like it since the last report)" if seen and seen[1] else ""
+        self._log.warning("%s%s", message, more)
+        self._seen[key] = [now, 0]
+
+
 class _Sealer:
     """Authenticated encryption of node-to-node frames with a key derived from the cluster
     secret (PBKDF2-SHA256, like upstream's Fernet key, then AES-256-GCM).
@@ -1157,22 +1177,9 @@ class _RaftpayTransport(TCPTransport):
     rp_acks: list | None = None
 
     def __init__(self, *args, **kwargs):
-        self.rp_complaints: dict = {}  # key -> [last logged (monotonic), held back since]
+        self.rp_complain = PeerComplaints(log).warn
         self.rp_silent_closes: dict = {}  # node -> connections in a row it closed unanswered
         super().__init__(*args, **kwargs)  # adds the nodes (`addNode`)
-
-    def rp_complain(self, key, message: str) -> None:
-        """Log `message` as a warning, but a given `key` at most once per
-        `PEER_COMPLAINT_INTERVAL_S`, saying how many were held back since: a misconfigured
-        peer reconnects every half second, for as long as it runs."""
-        now = time.monotonic()
-        seen = self.rp_complaints.get(key)
-        if seen is not None and now - seen[0] < PEER_COMPLAINT_INTERVAL_S:
-            seen[1] += 1
-            return
-        more = f" ({seen[1]} more like it since the last report)" if seen and seen[1] else ""
-        log.warning("%s%s", message, more)
-        self.rp_complaints[key] = [now, 0]
 
     def rp_silent_close(self, node) -> None:
         n = self.rp_silent_closes[node] = self.rp_silent_closes.get(node, 0) + 1

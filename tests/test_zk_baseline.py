@@ -156,6 +156,36 @@ def test_a_second_node_on_a_data_dir_in_use_is_refused(cluster, tmp_path):
         assert c.create_accounts([{"id": "lock-a", "currency": 1}]) == [Code.OK]
 
 
+def test_a_peer_with_another_secret_is_named_in_the_log_once_not_per_retry(
+        zk_standalone, tmp_path):  # noqa: F811
+    """One node's config with another cluster secret: the node that cannot authenticate a
+    peer's frames says so at WARNING, naming the peer and what to check, once per interval
+    however often the primary retries the link (every ~0.1 s), where it logged nothing."""
+    import re
+    c = zk_cluster(tmp_path, zk_standalone, "zkb-secret")
+    text = open(c.paths[2]).read()
+    open(c.paths[2], "w").write(re.sub(r'secret = "[0-9a-f]+"',
+                                       'secret = "' + "0f" * 16 + '"', text))
+    try:
+        c.start()
+        words = "fails authentication: does its [cluster] secret match this node's?"
+
+        def said():
+            out = {}
+            for node_id in ("n1", "n2", "n3"):
+                with open(c.log_path(node_id)) as f:
+                    out[node_id] = [line for line in f if words in line]
+            return out if any(out.values()) else None
+        seen = wait_until(said, 30, "the nodes to name the peer with another secret")
+        time.sleep(2.0)  # twenty retries of the link
+        again = said()
+        for node_id, lines in again.items():
+            assert len(lines) == len(seen[node_id]) and len(lines) <= 2, again
+            assert all("WARNING" in line for line in lines), lines
+    finally:
+        c.close()
+
+
 def test_a_lower_epoch_is_fenced(cluster):
     """A deposed primary's messages (any epoch below the newest) are refused, and a peer
     without the cluster secret cannot even be understood."""

@@ -79,7 +79,7 @@ from kazoo.protocol.states import KazooState
 from raftpay import wire
 from raftpay.codes import Code, ProtocolError
 from raftpay.config import parse_addr
-from raftpay.node import claim_data_dir
+from raftpay.node import PeerComplaints, claim_data_dir
 from raftpay.zk.mirror import ZkMirror, _close_client, cluster_path, make_client
 
 log = logging.getLogger(__name__)
@@ -270,7 +270,8 @@ class _Channel:
             payload, tag = data[:-TAG_BYTES], data[-TAG_BYTES:]
             if len(data) < TAG_BYTES or not hmac.compare_digest(
                     tag, self._tag(self._in_dir, self._received, payload)):
-                raise ProtocolError(f"frame from {self.peer_id} fails authentication")
+                raise ProtocolError(f"frame from {self.peer_id} fails authentication: does its "
+                                    f"[cluster] secret match this node's?")
         else:
             payload = data
         self._received += 1
@@ -436,7 +437,10 @@ class _Link:
                     # leading again with an epoch the cluster has moved past.
                     self.node._promise(promised)
                 return
-            except (OSError, ConnectionError, ProtocolError, asyncio.TimeoutError,
+            except ProtocolError as e:  # a peer misconfigured, not one that is down
+                self.node._complaints.warn((self.peer_id, str(e)), f"{self.node.node_id}: link "
+                                           f"to {self.peer_id}: {e}")
+            except (OSError, ConnectionError, asyncio.TimeoutError,
                     TimeoutError, asyncio.IncompleteReadError) as e:
                 log.debug("%s: link to %s: %r", self.node.node_id, self.peer_id, e)
             finally:
@@ -895,6 +899,7 @@ class ZkNode:
         self._ledger = None
         self._logfile = _LogFile(os.path.join(data_dir, LOG_FILE), fsync == "always")
         self._dir_lock = -1  # fd of the data dir's LOCK while started (`claim_data_dir`)
+        self._complaints = PeerComplaints(log)  # misconfigured peers, once a minute each
         # Owned by the loop thread (read elsewhere only as single attributes).
         self._log: list[tuple[int, bytes]] = []  # batch seq i is self._log[i - 1]
         self._promised = 0
@@ -1311,7 +1316,10 @@ class ZkNode:
                 if reply is not None:
                     chan.write(reply)
                     await chan.writer.drain()
-        except (OSError, ConnectionError, ProtocolError, asyncio.TimeoutError, TimeoutError,
+        except ProtocolError as e:  # a peer misconfigured, not one that is down
+            peer = chan.peer_id if chan is not None else None
+            self._complaints.warn((peer, str(e)), f"{self.node_id}: peer connection: {e}")
+        except (OSError, ConnectionError, asyncio.TimeoutError, TimeoutError,
                 asyncio.IncompleteReadError) as e:
             log.debug("%s: peer connection: %r", self.node_id, e)
         except (FatalNodeError, asyncio.CancelledError):
