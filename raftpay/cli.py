@@ -208,7 +208,7 @@ class DataMissing(RuntimeError):
     must not rejoin as itself (`raftpay.node.NOT_INITIALIZED`)."""
 
 
-def init_new_cluster(configs) -> bool:
+def init_new_cluster(configs, paths: dict[str, str] | None = None) -> bool:
     """Make every node's data dir (`raftpay.node.init_data_dir`) if none holds a node's data:
     a new cluster, which is the only time a local cluster makes them; True if it did.  Raises
     `DataMissing`, making nothing, if some hold data and some do not."""
@@ -219,11 +219,12 @@ def init_new_cluster(configs) -> bool:
         return False
     if len(empty) < len(states):
         others = [i for i in states if i not in empty]
+        how = "; ".join(f"`raftpay node init --rejoin --config {(paths or {}).get(i, '...')}`"
+                        for i in empty)
         raise DataMissing(
             f"{', '.join(empty)} {'has' if len(empty) == 1 else 'have'} no data while "
             f"{', '.join(others)} {'has' if len(others) == 1 else 'have'} some: a node that "
-            f"lost its data comes back with `raftpay node init --rejoin --config ...` "
-            f"(README, 'A node that lost its data')")
+            f"lost its data comes back with {how} (README, 'A node that lost its data')")
     for cfg in configs:
         init_data_dir(cfg.node.data_dir, cfg.node.id, sync=cfg.raft.fsync == "always")
     return True
@@ -298,7 +299,7 @@ class LocalCluster:
         if taken:
             raise PortsInUse(f"{', '.join(taken)} in use: another cluster on these ports? "
                              f"Stop it, or pick another --base-port")
-        init_new_cluster(self.configs)
+        init_new_cluster(self.configs, dict(zip((c.node.id for c in self.configs), self.paths)))
         for cfg, path in starting:
             log = open(self.log_path(cfg.node.id), "ab")
             self.procs[cfg.node.id] = subprocess.Popen(

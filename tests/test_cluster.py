@@ -465,6 +465,7 @@ def test_a_node_that_lost_its_data_rejoins_without_a_vote_until_it_caught_up(tmp
     assert c.procs == {}
     r = run("up", "--data-dir", d, "--base-port", str(base))
     assert r.returncode == 2 and "not starting: n3 has no data" in r.stderr, r.stderr
+    assert f"`raftpay node init --rejoin --config {c.paths[2]}`" in r.stderr, r.stderr
     r = run("node", "init", "--config", c.paths[0])
     assert r.returncode == 1 and "already belongs to node 'n1'" in r.stderr, r.stderr
     r = run("node", "init", "--rejoin", "--config", c.paths[2])

@@ -179,7 +179,7 @@ class ChaosCluster:
     def start(self, nid: str | None = None, skew_ms: int | None = None) -> None:
         """Start one node (or every node not running).  `skew_ms` sets the node's clock skew
         from now on (None keeps the last one)."""
-        init_new_cluster(list(self.configs.values()))  # the first start: `raftpay node init`
+        init_new_cluster(list(self.configs.values()), self.paths)  # the first start makes dirs
         for node_id in ([nid] if nid else self.ids):
             if self.alive(node_id):
                 continue
