@@ -2,8 +2,8 @@
 
 Design: one click group whose entry points users and docs rely on — `up` (a local cluster in the
 foreground), `demo` (the same plus a payment flow, then stop), `node init` (a new node's data
-dir, once) and `node start` (one node from a config file), `status`, `account create|show`, `transfer`, `history`, `logs merge`.  Help text
-says why, not only what (rqlite `flags.toml`).
+dir, once) and `node start` (one node from a config file), `status`, `account create|show`,
+`transfer`, `history`, `logs merge`.  Help text says why, not only what (rqlite `flags.toml`).
 
 Exit codes are for scripts: 0 success; 1 the ledger refused an event (its code is printed);
 2 usage or configuration error; 3 the cluster could not be reached (nothing was applied);
@@ -205,7 +205,8 @@ class PortsInUse(RuntimeError):
 
 class DataMissing(RuntimeError):
     """Some nodes of a local cluster have data and others none: a node that lost its data
-    must not rejoin as itself (`raftpay.node.NOT_INITIALIZED`)."""
+    comes back with `raftpay node init --rejoin`, not as a new node
+    (`raftpay.node.NOT_INITIALIZED`)."""
 
 
 def init_new_cluster(configs, paths: dict[str, str] | None = None) -> bool:
@@ -501,7 +502,8 @@ def status(cluster: str | None, as_json: bool) -> None:
 
 def _status_problems(rows: list[dict]) -> list[str]:
     """What the table cannot show: why a node stopped its Raft (a full disk, an entry it
-    could not apply), and which peers a running node has no Raft connection to."""
+    could not apply), a node that rejoins after losing its data, and which peers a running
+    node has no Raft connection to."""
     out = []
     for r in rows:
         name = r.get("id", r["address"])
