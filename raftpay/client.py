@@ -361,22 +361,24 @@ def _is_host_port(addr: str) -> bool:
 def _items(what: str, items) -> list:
     """The events of a batch call, refused with a clear TypeError unless a list (or other
     iterable, not a mapping or string) of dicts; nothing is sent."""
-    if isinstance(items, (str, bytes, dict)) or not hasattr(items, "__iter__"):
-        raise TypeError(f"{what} takes a list of dicts, got {type(items).__name__}")
-    items = list(items)
+    items = _as_list(what, items, "dicts")
     for i, item in enumerate(items):
         if type(item) is not dict and not isinstance(item, Mapping):
             raise TypeError(f"{what}: item {i} is {type(item).__name__}, not a dict of fields")
     return items
 
 
+def _as_list(what: str, items, of: str, hint: str = "") -> list:
+    """`items` as a list, refused with a clear TypeError unless a list (or other iterable, not
+    a mapping or string: a string would be read one character at a time); nothing is sent."""
+    if isinstance(items, (str, bytes, dict)) or not hasattr(items, "__iter__"):
+        raise TypeError(f"{what} takes a list of {of}, got {type(items).__name__}{hint}")
+    return list(items)
+
+
 def _ids(what: str, ids) -> list:
-    """The ids of a lookup: a list (or other iterable) of ids.  A lone id is refused with a
-    TypeError: a string would be read as one id per character, and answered as such."""
-    if isinstance(ids, (str, bytes, dict)) or not hasattr(ids, "__iter__"):
-        raise TypeError(f"{what} takes a list of ids, got {type(ids).__name__} "
-                        f"(for one id: [id])")
-    return list(ids)
+    """The ids of a lookup: a lone id is refused ("alice" would look up five accounts)."""
+    return _as_list(what, ids, "ids", " (for one id: [id])")
 
 
 def _account_event(a: dict) -> dict:
