@@ -176,11 +176,12 @@ def test_a_peer_with_another_secret_is_named_in_the_log_once_not_per_retry(
                 with open(c.log_path(node_id)) as f:
                     out[node_id] = [line for line in f if words in line]
             return out if any(out.values()) else None
-        seen = wait_until(said, 30, "the nodes to name the peer with another secret")
+        wait_until(said, 30, "the nodes to name the peer with another secret")
         time.sleep(2.0)  # twenty retries of the link
-        again = said()
-        for node_id, lines in again.items():
-            assert len(lines) == len(seen[node_id]) and len(lines) <= 2, again
+        for node_id, lines in said().items():
+            # Which side fails first depends on who dials; each names a peer once.
+            named = [re.search(r"frame from (\w+) fails", line).group(1) for line in lines]
+            assert len(named) == len(set(named)), lines
             assert all("WARNING" in line for line in lines), lines
     finally:
         c.close()
