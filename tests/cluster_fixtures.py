@@ -17,6 +17,16 @@ def local_cluster(tmp_path, nodes: int = 3, **sections) -> LocalCluster:
     return LocalCluster(nodes, str(tmp_path), 0, ports=pairs, **sections)
 
 
+def free_addrs(n: int) -> list[str]:
+    """n distinct free loopback addresses, picked together: picked one at a time, two could
+    be the same port (the kernel hands a closed one out again)."""
+    return [f"127.0.0.1:{p}" for p in free_ports(n)]
+
+
+def free_addr() -> str:
+    return free_addrs(1)[0]
+
+
 def wait_until(cond: Callable[[], object], timeout_s: float = 15.0, what: str = "condition",
                interval_s: float = 0.02):
     """Poll `cond` until it returns something truthy; fail with `what` after the deadline."""

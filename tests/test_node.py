@@ -22,6 +22,7 @@ import pytest
 from raftpay import node as rn
 from raftpay.codes import Code
 from raftpay.node import Node
+from cluster_fixtures import free_addr, free_addrs
 
 ELECTION_MS = 300  # fast elections keep the suite short; heartbeats go every 30 ms
 
@@ -29,12 +30,6 @@ ELECTION_MS = 300  # fast elections keep the suite short; heartbeats go every 30
 # --- helpers ----------------------------------------------------------------------------------
 
 
-def free_addr() -> str:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return f"127.0.0.1:{port}"
 
 
 def wait_for(cond, timeout_s=10.0, what="condition"):
@@ -84,7 +79,7 @@ class Cluster:
     def __init__(self, root, ids=("a", "b", "c"), **kw):
         self.root = root
         self.ids = list(ids)
-        self.addrs = {i: free_addr() for i in ids}
+        self.addrs = dict(zip(ids, free_addrs(len(ids))))
         self.kw = {"election_timeout_ms": ELECTION_MS, **kw}
         self.nodes: dict[str, Node] = {}
 
@@ -288,7 +283,7 @@ def test_a_data_dir_is_one_nodes_own(cluster, tmp_path):
     with pytest.raises(rn.FatalNodeError, match="holds no node: a new node's dir is made once"):
         Node("a", free_addr(), {}, str(empty), new_data_dir=False).start()
     assert rn.data_dir_state(str(empty)) == "empty" and rn.data_dir_state(str(d)) == "files"
-    again = Node("a", free_addr(), {}, str(d), new_data_dir=False)  # refusals gave the lock back
+    again = Node("a", free_addr(), {}, str(d), new_data_dir=False)  # the refusals freed the lock
     again.start()
     try:
         assert wait_for(lambda: again.is_leader(), what="its own node leads again")

@@ -28,16 +28,11 @@ from pysyncobj.tcp_connection import TcpConnection
 from pysyncobj.transport import TCPTransport
 
 from raftpay import node as rn
+from cluster_fixtures import free_addr, free_addrs
 
 # --- helpers ----------------------------------------------------------------------------------
 
 
-def free_addr() -> str:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return f"127.0.0.1:{port}"
 
 
 def tick_until(objs, cond, timeout_s=10.0, what="condition"):
@@ -88,7 +83,7 @@ def _bare_conf(tmp, name, **kw):
 
 
 def _bare_pair(tmp, **kw):
-    a_addr, b_addr = free_addr(), free_addr()
+    a_addr, b_addr = free_addrs(2)
     return (_Bare(a_addr, [b_addr], _bare_conf(tmp, "a", **kw)),
             _Bare(b_addr, [a_addr], _bare_conf(tmp, "b", **kw)))
 
@@ -103,7 +98,7 @@ def bare_pair(tmp_path):
 
 def _rp_pair(tmp_path, batch_bytes=2 ** 21, socket_buffer_bytes=2 ** 22):
     objs = []
-    addrs = [free_addr(), free_addr()]
+    addrs = free_addrs(2)
     for i, addr in enumerate(addrs):
         d = tmp_path / f"n{i}"
         d.mkdir()
@@ -194,8 +189,8 @@ def test_internal_names_exist(tmp_path):
         assert callable(getattr(SyncObj, name, None)), f"SyncObj.{name} is gone"
     for name in ("raftLastApplied", "raftCommitIndex", "raftCurrentTerm", "otherNodes"):
         assert isinstance(getattr(SyncObj, name, None), property), f"SyncObj.{name}"
-    addr = free_addr()
-    so = SyncObj(addr, [free_addr()], conf=_bare_conf(str(tmp_path), "x"))
+    addr, other = free_addrs(2)
+    so = SyncObj(addr, [other], conf=_bare_conf(str(tmp_path), "x"))
     try:
         for name in SYNCOBJ_ATTRS + SYNCOBJ_TEST_ATTRS:
             assert hasattr(so, name), f"SyncObj instance has no {name}"
