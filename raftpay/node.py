@@ -182,21 +182,26 @@ def _node_files(data_dir: str) -> list[str]:
     return sorted(n for n in names if n.startswith(STATE_FILE_PREFIXES))
 
 
-def write_node_file(data_dir: str, node_id: str, sync: bool, rejoin: bool = False) -> None:
-    """Write the dir's NODE file (atomically; durably with `sync`).  `rejoin` marks a node
-    that lost its data: it does not vote until it holds what the cluster committed
-    (`_RaftpaySyncObj.rp_abstain`), and the node rewrites the file without it then."""
-    path = os.path.join(data_dir, NODE_FILE)
-    tmp = path + ".writing"
-    body = {"node": node_id, "rejoin": True} if rejoin else {"node": node_id}
+def _replace_file(path: str, data: bytes, sync: bool = True) -> None:
+    """Put `data` at `path` whole: written beside it, then renamed over it; with `sync` the
+    file and the rename are on disk when this returns."""
+    tmp = path + ".tmp"
     with open(tmp, "wb") as f:
-        f.write(json.dumps(body).encode() + b"\n")
+        f.write(data)
         if sync:
             f.flush()
             os.fsync(f.fileno())
     os.replace(tmp, path)
     if sync:
-        _fsync_dir(data_dir)
+        _fsync_dir(os.path.dirname(path) or ".")
+
+
+def write_node_file(data_dir: str, node_id: str, sync: bool, rejoin: bool = False) -> None:
+    """Write the dir's NODE file (atomically; durably with `sync`).  `rejoin` marks a node
+    that lost its data: it does not vote until it holds what the cluster committed
+    (`_RaftpaySyncObj.rp_abstain`), and the node rewrites the file without it then."""
+    body = {"node": node_id, "rejoin": True} if rejoin else {"node": node_id}
+    _replace_file(os.path.join(data_dir, NODE_FILE), json.dumps(body).encode() + b"\n", sync)
 
 
 def read_node_file(data_dir: str) -> dict | None:
@@ -500,14 +505,8 @@ class _DurableMetaStorer(MetaStorer):
     upstream writes the temp file and renames it without an fsync."""
 
     def storeMeta(self, meta):
-        path = self.getPath()
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(_pso_pickle.dumps(meta))  # upstream's format, so upstream can read it back
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(os.path.dirname(path) or ".")
+        # upstream's format, so upstream can read it back
+        _replace_file(self.getPath(), _pso_pickle.dumps(meta))
 
 
 class _MetaUnpickler(pickle.Unpickler):
