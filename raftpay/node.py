@@ -225,11 +225,6 @@ def read_node_file(data_dir: str) -> dict | None:
     return info
 
 
-def _read_owner(data_dir: str) -> str | None:
-    info = read_node_file(data_dir)
-    return None if info is None else info["node"]
-
-
 #: Why `node start` refuses a data dir nobody initialized (`claim_data_dir(create=False)`).
 NOT_INITIALIZED = (
     "data dir {data_dir} holds no node: a new node's dir is made once with `raftpay node init "
@@ -241,12 +236,13 @@ NOT_INITIALIZED = (
 
 
 def claim_data_dir(data_dir: str, node_id: str, sync: bool = True,
-                   create: bool = True) -> int:
+                   create: bool = True) -> tuple[int, dict]:
     """`lock_data_dir`, then make sure the dir is `node_id`'s: its NODE file names the node
     it was made for, and a dir of another node is refused with `FatalNodeError` (the lock is
-    given back).  A dir without the file but with a node's files (made before NODE files
-    existed) is claimed.  An empty one is claimed only with `create` (in-process nodes, tests);
-    without it, `NOT_INITIALIZED` is the refusal.
+    given back).  Returns the lock's fd and the NODE file as it stands (`read_node_file`).
+    A dir without the file but with a node's files (made before NODE files existed) is
+    claimed.  An empty one is claimed only with `create` (in-process nodes, tests); without
+    it, `NOT_INITIALIZED` is the refusal.
 
     Why: the dir holds the node's term, vote and log, which the rest of the cluster counts on.
     Another node started on it (a config copied from its neighbour, two configs swapped), or
@@ -255,11 +251,13 @@ def claim_data_dir(data_dir: str, node_id: str, sync: bool = True,
     (the fsync policy "never") leaves the file to the page cache.  Blocks on file I/O."""
     fd = lock_data_dir(data_dir)
     try:
-        owner = _read_owner(data_dir)
+        info = read_node_file(data_dir)
+        owner = None if info is None else info["node"]
         if owner is None:
             if not create and not _node_files(data_dir):
                 raise FatalNodeError(NOT_INITIALIZED.format(data_dir=data_dir))
             write_node_file(data_dir, node_id, sync)
+            info = {"node": node_id}
         elif owner != node_id:
             raise FatalNodeError(
                 f"data dir {data_dir} belongs to node {owner!r}, and this is node "
@@ -269,7 +267,7 @@ def claim_data_dir(data_dir: str, node_id: str, sync: bool = True,
     except BaseException:
         os.close(fd)
         raise
-    return fd
+    return fd, info
 
 
 def data_dir_state(data_dir: str) -> str:
@@ -288,10 +286,11 @@ def init_data_dir(data_dir: str, node_id: str, sync: bool = True, rejoin: bool =
     os.makedirs(data_dir, exist_ok=True)
     fd = lock_data_dir(data_dir)
     try:
-        owner = _read_owner(data_dir)
-        if owner is not None:
-            raise FatalNodeError(f"data dir {data_dir} already belongs to node {owner!r}; "
-                                 f"nothing to do (start it with `raftpay node start`)")
+        info = read_node_file(data_dir)
+        if info is not None:
+            raise FatalNodeError(f"data dir {data_dir} already belongs to node "
+                                 f"{info['node']!r}; nothing to do (start it with `raftpay "
+                                 f"node start`)")
         files = _node_files(data_dir)
         if files:
             raise FatalNodeError(f"data dir {data_dir} holds a node's files "
@@ -2411,10 +2410,10 @@ class Node:
             raise RuntimeError("a Node starts once; create a new one to restart")
         os.makedirs(self.data_dir, exist_ok=True)
         # Before touching any file in it: the holder's writer files are removed just below.
-        self._dir_lock = claim_data_dir(self.data_dir, self.node_id, self.fsync == "always",
-                                        create=self._new_data_dir)
+        self._dir_lock, owner = claim_data_dir(self.data_dir, self.node_id,
+                                               self.fsync == "always", create=self._new_data_dir)
         try:
-            self._start(loop)
+            self._start(loop, rejoin=owner.get("rejoin", False))
         except BaseException:
             if self._so is None:  # else `_shutdown_raft` released it
                 self._release_dir()
@@ -2425,7 +2424,7 @@ class Node:
         if fd >= 0:
             os.close(fd)
 
-    def _start(self, loop) -> None:
+    def _start(self, loop, rejoin: bool) -> None:
         for name in os.listdir(self.data_dir):
             if name.startswith(SNAPSHOT_WRITING_PREFIX):  # a writer's file; a crash left it
                 _remove_quietly(os.path.join(self.data_dir, name))
@@ -2458,7 +2457,7 @@ class Node:
                           f"it?): {e}") from None
         self._so = so
         # Before the first tick, which is the first that could answer a vote.
-        so.rp_abstain = bool((read_node_file(self.data_dir) or {}).get("rejoin"))
+        so.rp_abstain = rejoin
         so.addOnTickCallback(self._on_tick)
         if loop is None:
             self._wake_r, self._wake_w = os.pipe()

@@ -958,8 +958,8 @@ class ZkNode:
         os.makedirs(self.data_dir, exist_ok=True)
         # Before the log is opened: two nodes appending to one log would interleave batches,
         # and another node's log holds epochs it promised, not ours.
-        self._dir_lock = claim_data_dir(self.data_dir, self.node_id, self._logfile.fsync,
-                                        create=self._new_data_dir)
+        self._dir_lock, _ = claim_data_dir(self.data_dir, self.node_id, self._logfile.fsync,
+                                           create=self._new_data_dir)
         try:
             self._replay_and_bind()
         except BaseException:
