@@ -148,8 +148,8 @@ def node_init(config_path: str, rejoin: bool) -> None:
                    "with `raftpay node init`)", err=True)
         sys.exit(EXIT_USAGE)
     try:
-        init_data_dir(cfg.node.data_dir, cfg.node.id, sync=cfg.raft.fsync == "always",
-                      rejoin=rejoin)
+        init_data_dir(cfg.node.data_dir, cfg.node.id, None if rejoin else _cluster_id(cfg),
+                      sync=cfg.raft.fsync == "always", rejoin=rejoin)
     except (FatalNodeError, OSError) as e:
         click.echo(f"refusing to initialize: {e}", err=True)
         sys.exit(EXIT_REFUSED)
@@ -227,8 +227,15 @@ def init_new_cluster(configs, paths: dict[str, str] | None = None) -> bool:
             f"{', '.join(others)} {'has' if len(others) == 1 else 'have'} some: a node that "
             f"lost its data comes back with {how} (README, 'A node that lost its data')")
     for cfg in configs:
-        init_data_dir(cfg.node.data_dir, cfg.node.id, sync=cfg.raft.fsync == "always")
+        init_data_dir(cfg.node.data_dir, cfg.node.id, _cluster_id(cfg),
+                      sync=cfg.raft.fsync == "always")
     return True
+
+
+def _cluster_id(cfg) -> str:
+    """The cluster a new node's dir is made for, from its config (`raftpay.node.cluster_id`)."""
+    from .node import cluster_id
+    return cluster_id(cfg.cluster.name, [p.id for p in cfg.cluster.peers])
 
 
 def _port_taken(addr: str) -> bool:

@@ -67,6 +67,7 @@ from __future__ import annotations
 import collections
 import errno
 import gc
+import hashlib
 import heapq
 import io
 import itertools
@@ -196,17 +197,40 @@ def _replace_file(path: str, data: bytes, sync: bool = True) -> None:
         _fsync_dir(os.path.dirname(path) or ".")
 
 
-def write_node_file(data_dir: str, node_id: str, sync: bool, rejoin: bool = False) -> None:
-    """Write the dir's NODE file (atomically; durably with `sync`).  `rejoin` marks a node
-    that lost its data: it does not vote until it holds what the cluster committed
-    (`_RaftpaySyncObj.rp_abstain`), and the node rewrites the file without it then."""
-    body = {"node": node_id, "rejoin": True} if rejoin else {"node": node_id}
+#: Salt of `cluster_id`'s derivation.
+_CLUSTER_ID_SALT = b"raftpay/cluster-id/v1"
+
+
+def cluster_id(name: str, members: Iterable[str]) -> str:
+    """The id of the cluster a new data dir is made for (16 hex digits), the same on every
+    node made from one cluster's configs: derived from the cluster's name and its members'
+    ids, so clusters that differ in either differ.  Kept in the NODE file and stamped on every
+    Raft frame (`_RaftpayConnection`); a node refuses the frames of another cluster's.  Not
+    from the addresses: a node may know a peer by another address than the rest do (a proxy,
+    NAT, a DNS name).  Not from the secret: a node made with a mistyped one must join once
+    the typo is fixed (its frames say "another secret" until then)."""
+    about = json.dumps([name, sorted(members)]).encode()
+    return hashlib.sha256(_CLUSTER_ID_SALT + about).digest()[:8].hex()
+
+
+def write_node_file(data_dir: str, node_id: str, sync: bool, rejoin: bool = False,
+                    cluster: str | None = None) -> None:
+    """Write the dir's NODE file (atomically; durably with `sync`): the node and the cluster
+    (`cluster_id`) it belongs to.  `rejoin` marks a node that lost its data: it does not vote
+    until it holds what the cluster committed (`_RaftpaySyncObj.rp_abstain`), and the node
+    rewrites the file without it then; such a node may have no cluster yet, and takes its
+    peers' (`_RaftpayConnection._rp_cluster_refusal`)."""
+    body: dict = {"node": node_id}
+    if cluster is not None:
+        body["cluster"] = cluster
+    if rejoin:
+        body["rejoin"] = True
     _replace_file(os.path.join(data_dir, NODE_FILE), json.dumps(body).encode() + b"\n", sync)
 
 
 def read_node_file(data_dir: str) -> dict | None:
-    """The dir's NODE file ({"node": id, "rejoin"?: true}), None without one; FatalNodeError
-    if it does not name a node."""
+    """The dir's NODE file ({"node": id, "cluster"?: id, "rejoin"?: true}), None without one;
+    FatalNodeError if it does not name a node."""
     path = os.path.join(data_dir, NODE_FILE)
     try:
         with open(path, "rb") as f:
@@ -218,11 +242,17 @@ def read_node_file(data_dir: str) -> dict | None:
         owner = info["node"]
     except (ValueError, KeyError, TypeError):
         info, owner = None, None
-    if not isinstance(owner, str) or not isinstance(info.get("rejoin", False), bool):
+    if not isinstance(owner, str) or not isinstance(info.get("rejoin", False), bool) or not (
+            info.get("cluster") is None or _is_cluster_id(info["cluster"])):
         raise FatalNodeError(f"{path} does not name the node the data dir belongs to "
                              f"({raw[:60]!r}); restore it as {{\"node\": \"<id>\"}} or move "
                              f"the data dir aside")
     return info
+
+
+def _is_cluster_id(value) -> bool:
+    return (isinstance(value, str) and len(value) == 16
+            and all(c in "0123456789abcdef" for c in value))
 
 
 #: Why `node start` refuses a data dir nobody initialized (`claim_data_dir(create=False)`).
@@ -235,14 +265,16 @@ NOT_INITIALIZED = (
     "cluster committed. See README, 'A node that lost its data'")
 
 
-def claim_data_dir(data_dir: str, node_id: str, sync: bool = True,
+def claim_data_dir(data_dir: str, node_id: str, cluster: str, sync: bool = True,
                    create: bool = True) -> tuple[int, dict]:
     """`lock_data_dir`, then make sure the dir is `node_id`'s: its NODE file names the node
     it was made for, and a dir of another node is refused with `FatalNodeError` (the lock is
     given back).  Returns the lock's fd and the NODE file as it stands (`read_node_file`).
     A dir without the file but with a node's files (made before NODE files existed) is
     claimed.  An empty one is claimed only with `create` (in-process nodes, tests); without
-    it, `NOT_INITIALIZED` is the refusal.
+    it, `NOT_INITIALIZED` is the refusal.  A dir claimed so, or one whose file names no
+    cluster (made before cluster ids), is given `cluster`, the id the node's config derives
+    (`cluster_id`); one rejoining keeps none until it learns its peers'.
 
     Why: the dir holds the node's term, vote and log, which the rest of the cluster counts on.
     Another node started on it (a config copied from its neighbour, two configs swapped), or
@@ -256,14 +288,17 @@ def claim_data_dir(data_dir: str, node_id: str, sync: bool = True,
         if owner is None:
             if not create and not _node_files(data_dir):
                 raise FatalNodeError(NOT_INITIALIZED.format(data_dir=data_dir))
-            write_node_file(data_dir, node_id, sync)
-            info = {"node": node_id}
+            info = {"node": node_id, "cluster": cluster}
+            write_node_file(data_dir, node_id, sync, cluster=cluster)
         elif owner != node_id:
             raise FatalNodeError(
                 f"data dir {data_dir} belongs to node {owner!r}, and this is node "
                 f"{node_id!r}: each node keeps its own data dir (a config copied from another "
                 f"node?). Its term, vote and log are {owner}'s; started as {node_id} they could "
                 f"elect two leaders in one term or lose acknowledged entries")
+        elif info.get("cluster") is None and not info.get("rejoin"):
+            info = dict(info, cluster=cluster)
+            write_node_file(data_dir, node_id, sync, cluster=cluster)
     except BaseException:
         os.close(fd)
         raise
@@ -278,9 +313,11 @@ def data_dir_state(data_dir: str) -> str:
     return "files" if _node_files(data_dir) else "empty"
 
 
-def init_data_dir(data_dir: str, node_id: str, sync: bool = True, rejoin: bool = False) -> None:
-    """Make `data_dir` a new node's (`raftpay node init`): create it and write its NODE file;
-    `rejoin` for a node of a running cluster that lost its data (`write_node_file`).  Refused
+def init_data_dir(data_dir: str, node_id: str, cluster: str | None, sync: bool = True,
+                  rejoin: bool = False) -> None:
+    """Make `data_dir` a new node's (`raftpay node init`): create it and write its NODE file,
+    naming `cluster` (`cluster_id`); `rejoin` for a node of a running cluster that lost its
+    data (`write_node_file`), with `cluster` None: it takes its peers'.  Refused
     with `FatalNodeError` if it already belongs to a node or holds a node's files, or another
     process holds it: initializing is for an empty dir, once."""
     os.makedirs(data_dir, exist_ok=True)
@@ -295,7 +332,7 @@ def init_data_dir(data_dir: str, node_id: str, sync: bool = True, rejoin: bool =
         if files:
             raise FatalNodeError(f"data dir {data_dir} holds a node's files "
                                  f"({', '.join(files[:4])}); it is no new node's")
-        write_node_file(data_dir, node_id, sync, rejoin)
+        write_node_file(data_dir, node_id, sync, rejoin, cluster)
     finally:
         os.close(fd)
 
@@ -846,9 +883,12 @@ class _RaftpayJournal(FileJournal):
         self.rp_syncs += 1
 
 
-#: First byte of every frame between raftpay nodes (`_RaftpayConnection`): which framing follows.
+#: First byte of every frame between raftpay nodes (`_RaftpayConnection`): which framing
+#: follows.  Then the sender's cluster (`cluster_id`, 8 bytes), then:
 _FRAME_PLAIN = b"P"  # pickle, no secret configured (loopback only, enforced by the config)
-_FRAME_SEALED = b"S"  # seq (8 bytes) | nonce (12) | AES-GCM(pickle), authenticated with the seq
+_FRAME_SEALED = b"S"  # seq (8 bytes) | nonce (12) | AES-GCM(pickle), authenticated with the head
+#: The cluster a node stamps while it has none: a node rejoining with an empty dir.
+NO_CLUSTER = bytes(8)
 #: Key derivation for the cluster secret; a salt of our own, so the key is not upstream's.
 _SEAL_SALT = b"raftpay/raft-transport/aes-gcm/v1"
 #: A peer whose frames this node cannot open, or that closes our connections unanswered, is
@@ -900,8 +940,8 @@ class _Sealer:
                          iterations=100_000)
         self._aead = AESGCM(kdf.derive(secret.encode()))
 
-    def seal(self, data: bytes, seq: int) -> bytes:
-        head = _FRAME_SEALED + seq.to_bytes(8, "big")
+    def seal(self, data: bytes, seq: int, cluster: bytes = NO_CLUSTER) -> bytes:
+        head = _FRAME_SEALED + cluster + seq.to_bytes(8, "big")
         nonce = os.urandom(12)
         return head + nonce + self._aead.encrypt(nonce, data, head)
 
@@ -911,15 +951,15 @@ class _Sealer:
         if frame[:1] == _FRAME_PLAIN:
             raise ValueError("an unsealed frame: the peer runs without a cluster secret, and "
                              "this node has one")
-        if frame[:1] != _FRAME_SEALED or len(frame) < 9 + 12 + 16:
+        if frame[:1] != _FRAME_SEALED or len(frame) < 17 + 12 + 16:
             raise ValueError("not a raftpay Raft frame")
-        head = frame[:9]
+        head = frame[:17]
         try:
-            plain = self._aead.decrypt(frame[9:21], frame[21:], head)
+            plain = self._aead.decrypt(frame[17:29], frame[29:], head)
         except Exception:  # cryptography's InvalidTag (its message is empty)
             raise ValueError("a frame sealed with another cluster secret: every node of a "
                              "cluster needs the same [cluster] secret") from None
-        return int.from_bytes(head[1:], "big"), plain
+        return int.from_bytes(head[9:], "big"), plain
 
 
 class _SendQueue:
@@ -978,7 +1018,8 @@ class _SendQueue:
 
 class _RaftpayConnection(TcpConnection):
     """Upstream's TCP connection with raftpay's framing: `pickle.dumps(message)` behind a type
-    byte, sealed by `_Sealer` when the cluster has a secret — no zlib (~80 us a message to
+    byte and the sender's cluster (`_rp_cluster_refusal`), sealed by `_Sealer` when the
+    cluster has a secret — no zlib (~80 us a message to
     compress ~200 bytes on loopback), no Fernet.  The transport turns each connection it makes or
     accepts into this class before anything is sent on it (`rp_adopt`); every node of a cluster
     runs raftpay, so both ends speak it, and a peer that does not (or lacks the secret) fails the
@@ -1007,11 +1048,13 @@ class _RaftpayConnection(TcpConnection):
         if self.sendRandKey:
             message = (self.sendRandKey, message)
         data = _pso_pickle.dumps(message)
+        transport = self.rp_transport
+        cluster = NO_CLUSTER if transport is None else transport.rp_cluster
         if self.encryptor:
             self.rp_send_seq += 1
-            data = self.encryptor.seal(data, self.rp_send_seq)
+            data = self.encryptor.seal(data, self.rp_send_seq, cluster)
         else:
-            data = _FRAME_PLAIN + data
+            data = _FRAME_PLAIN + cluster + data
         queue = self._TcpConnection__writeBuffer
         if type(queue) is not _SendQueue:  # upstream resets it to bytes() on (dis)connect
             queue = self._TcpConnection__writeBuffer = _SendQueue(queue)
@@ -1096,13 +1139,16 @@ class _RaftpayConnection(TcpConnection):
             pos = 0
         self.rp_rpos = pos
         try:
+            refusal = self._rp_cluster_refusal(data[1:9])
+            if refusal:
+                raise ValueError(refusal)
             if self.encryptor:
                 seq, data = self.encryptor.open(data)
                 if seq <= self.rp_recv_seq:
                     raise ValueError(f"frame {seq} after {self.rp_recv_seq}: replayed")
                 self.rp_recv_seq = seq
             elif data[:1] == _FRAME_PLAIN:
-                data = data[1:]
+                data = data[9:]
             else:
                 raise ValueError("a sealed frame: the peer has a cluster secret, and this node "
                                  "has none")
@@ -1119,6 +1165,30 @@ class _RaftpayConnection(TcpConnection):
             self.rp_transport.rp_silent_closes.pop(self.rp_dialed, None)  # it answers us
         self.rp_frames_in += 1
         return message
+
+    def _rp_cluster_refusal(self, cluster: bytes) -> str | None:
+        """Why a frame stamped with `cluster` is refused, None if it is not.  A node reads the
+        frames of its own cluster, and those of a node with none yet (rejoining with an empty
+        dir, it abstains until it caught up); a node with none takes the first cluster it
+        hears from (the node writes it down when its rejoin ends, `Node._end_rejoin`).
+
+        Why: a data dir left from another cluster (the same paths and node ids, a config of
+        the new cluster) holds that cluster's term and log; it could win an election in the
+        new one and overwrite its committed entries, or hand it the old one's payments."""
+        transport = self.rp_transport
+        own = NO_CLUSTER if transport is None else transport.rp_cluster
+        if cluster == own or cluster == NO_CLUSTER:
+            return None
+        if len(cluster) < 8:
+            return "not a raftpay Raft frame"
+        if own == NO_CLUSTER:
+            if transport is not None:
+                transport.rp_cluster = cluster
+            return None
+        return (f"the peer's data dir was made for another cluster ({cluster.hex()}; this "
+                f"node's is {own.hex()}): a data dir left from another cluster, or configs "
+                f"of two clusters mixed? A node keeps the cluster its data dir was made for "
+                f"(README, 'A node that lost its data')")
 
     def _rp_peer(self) -> tuple[str, int] | None:
         try:
@@ -1174,18 +1244,22 @@ class _RaftpayTransport(TCPTransport):
     #: such a pass); `rp_flush_acks` syncs once and sends them.
     rp_acks: list | None = None
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, syncObj, *args, **kwargs):
+        #: The cluster stamped on our frames and expected on the peers' (`_rp_cluster_refusal`).
+        self.rp_cluster = getattr(syncObj, "_rp_cluster", NO_CLUSTER)
         self.rp_complain = PeerComplaints(log).warn
         self.rp_silent_closes: dict = {}  # node -> connections in a row it closed unanswered
-        super().__init__(*args, **kwargs)  # adds the nodes (`addNode`)
+        super().__init__(syncObj, *args, **kwargs)  # adds the nodes (`addNode`)
 
     def rp_silent_close(self, node) -> None:
         n = self.rp_silent_closes[node] = self.rp_silent_closes.get(node, 0) + 1
         if n >= SILENT_CLOSES_TO_COMPLAIN:
             self.rp_complain(("silent", node), (
                 f"the peer at {node.address} closed {n} Raft connections in a row before "
-                f"answering on any: a node does that when it cannot open our frames; check "
-                f"that it has the same [cluster] secret as this node"))
+                f"answering on any: a node does that when it cannot open our frames, or "
+                f"will not (check that it has the same [cluster] secret as this node, and "
+                f"that this node's data dir was made for its cluster: cluster "
+                f"{self.rp_cluster.hex()})"))
 
     def rp_begin_acks(self) -> None:
         if self.rp_acks is None:
@@ -1634,8 +1708,10 @@ class _RaftpaySyncObj(SyncObj):
 
     def __init__(self, owner, self_addr: str, other_addrs: list[str], conf: SyncObjConf,
                  journal_path: str, fsync: bool, poller: _LoopPoller | None = None,
-                 compaction_bytes: int = LOG_COMPACTION_BYTES):
+                 compaction_bytes: int = LOG_COMPACTION_BYTES, cluster: str | None = None):
         assert not conf.autoTick, "the adapter must own the tick thread"
+        # The transport's (`rp_cluster`), which its __init__ reads; None: not known yet.
+        self._rp_cluster = NO_CLUSTER if cluster is None else bytes.fromhex(cluster)
         self._rp_poller = poller  # None: upstream's own (a thread that ticks with a timeout)
         # Our connections seal frames with this, not with upstream's Fernet (see _Sealer).
         self._rp_sealer = _Sealer(conf.password) if conf.password else None
@@ -1925,6 +2001,12 @@ class _RaftpaySyncObj(SyncObj):
         for n in self._SyncObj__otherNodes:
             if (n != leader or receiving) and self.isNodeConnected(n):
                 transport.send(n, {"type": _MSG_PING})
+
+    def rp_cluster(self) -> str | None:
+        """The cluster this node stamps on its frames (`cluster_id`): its data dir's, or one
+        it took from its peers while it had none; None while it has none."""
+        cluster = self._SyncObj__transport.rp_cluster
+        return None if cluster == NO_CLUSTER else cluster.hex()
 
     def rp_dials(self, addr: str) -> bool:
         """True if this node opens the connection to the peer at `addr`, False if it waits for
@@ -2293,7 +2375,7 @@ class Node:
                  ledger_cls=None, snapshot_in_background: bool = hasattr(os, "fork"),
                  snapshot_delay_s: float = 0.0, freeze_heap: bool = False,
                  log_compaction_min_bytes: int = LOG_COMPACTION_BYTES,
-                 new_data_dir: bool = True):
+                 new_data_dir: bool = True, cluster_name: str = "local"):
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync must be one of {FSYNC_POLICIES}, not {fsync!r}")
         if heartbeat_ms is None:
@@ -2318,6 +2400,7 @@ class Node:
         self._dir_lock = -1  # fd of the data dir's LOCK while started (`claim_data_dir`)
         self.fsync = fsync
         self._new_data_dir = new_data_dir  # may claim an empty data dir (`claim_data_dir`)
+        self._cluster_name = cluster_name  # `[cluster] name`, one input of `cluster_id`
         self._secret = secret
         self._election_timeout_s = election_timeout_ms / 1000
         self._heartbeat_s = heartbeat_ms / 1000
@@ -2410,10 +2493,11 @@ class Node:
             raise RuntimeError("a Node starts once; create a new one to restart")
         os.makedirs(self.data_dir, exist_ok=True)
         # Before touching any file in it: the holder's writer files are removed just below.
-        self._dir_lock, owner = claim_data_dir(self.data_dir, self.node_id,
+        cluster = cluster_id(self._cluster_name, [self.node_id, *self.peers])
+        self._dir_lock, owner = claim_data_dir(self.data_dir, self.node_id, cluster,
                                                self.fsync == "always", create=self._new_data_dir)
         try:
-            self._start(loop, rejoin=owner.get("rejoin", False))
+            self._start(loop, rejoin=owner.get("rejoin", False), cluster=owner.get("cluster"))
         except BaseException:
             if self._so is None:  # else `_shutdown_raft` released it
                 self._release_dir()
@@ -2424,7 +2508,7 @@ class Node:
         if fd >= 0:
             os.close(fd)
 
-    def _start(self, loop, rejoin: bool) -> None:
+    def _start(self, loop, rejoin: bool, cluster: str | None) -> None:
         for name in os.listdir(self.data_dir):
             if name.startswith(SNAPSHOT_WRITING_PREFIX):  # a writer's file; a crash left it
                 _remove_quietly(os.path.join(self.data_dir, name))
@@ -2446,7 +2530,7 @@ class Node:
                                  fsync=self.fsync == "always",
                                  poller=(_LoopPoller(loop, self._schedule_tick, self._set_fatal)
                                          if loop else None),
-                                 compaction_bytes=self._compaction_bytes)
+                                 compaction_bytes=self._compaction_bytes, cluster=cluster)
         except pysyncobj.SyncObjException as e:
             # Upstream creates the journal before it binds.  A first start that cannot bind
             # leaves the dir as it found it: an empty journal without its term/vote file would
@@ -2676,7 +2760,7 @@ class Node:
                   applied_index=so.raftLastApplied, last_log_index=last,
                   leader_id=self.leader_id, log_size=size,
                   journal_syncs=so.rp_journal_syncs(), ready=self._ready.is_set(),
-                  rejoining=so.rp_abstain,
+                  rejoining=so.rp_abstain, cluster=so.rp_cluster(),
                   snapshot_writing=so.rp_snapshot_writing())
         peers = {}
         for addr, p in so.rp_peers().items():
@@ -2887,9 +2971,11 @@ class Node:
         """A rejoining node (`rp_abstain`) whose commit index reached an entry of the current
         term holds everything committed before this term (Raft's leader completeness: the
         leader's log did, and ours matches it up to there): it may vote and stand again.  The
-        NODE file loses its mark first, so a restart does not abstain again for nothing."""
+        NODE file loses its mark first, so a restart does not abstain again for nothing, and
+        names the cluster the node took from its peers."""
         try:
-            write_node_file(self.data_dir, self.node_id, self.fsync == "always")
+            write_node_file(self.data_dir, self.node_id, self.fsync == "always",
+                            cluster=so.rp_cluster())
         except OSError as e:
             log.warning("%s: caught up after rejoining, but cannot rewrite %s (%s); still not "
                         "voting, will try again", self.node_id, NODE_FILE, e)

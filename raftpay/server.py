@@ -732,7 +732,8 @@ async def serve(cfg, *, stop: asyncio.Event | None = None, on_ready=None) -> Non
                 session_ttl_ms=cfg.ledger.session_ttl_ms,
                 on_apply=lambda index, ts, replies: _observe(hlc, ts),
                 snapshot_delay_s=_snapshot_delay_s(), freeze_heap=True,
-                new_data_dir=False)  # `raftpay node init` makes a new node's dir
+                new_data_dir=False,  # `raftpay node init` makes a new node's dir
+                cluster_name=cfg.cluster.name)
     by_id = {p.id: p.client_addr for p in cfg.cluster.peers}
     mirror = None
     if cfg.zk.hosts:

@@ -470,6 +470,7 @@ def test_a_node_that_lost_its_data_rejoins_without_a_vote_until_it_caught_up(tmp
     assert r.returncode == 1 and "already belongs to node 'n1'" in r.stderr, r.stderr
     r = run("node", "init", "--rejoin", "--config", c.paths[2])
     assert r.returncode == 0 and "to rejoin" in r.stdout, r.stderr
+    assert json.loads(open(os.path.join(n3_dir, "NODE")).read()) == {"node": "n3", "rejoin": True}
     try:
         c.start("n2")
         c.start("n3")
@@ -486,7 +487,10 @@ def test_a_node_that_lost_its_data_rejoins_without_a_vote_until_it_caught_up(tmp
         wait_until(lambda: node_statuses(c).get("n3", {}).get("rejoining") is False, 30,
                    "n3 to catch up and vote again")
         converged_hashes(c)
-        assert json.loads(open(os.path.join(n3_dir, "NODE")).read()) == {"node": "n3"}
+        # It took the cluster from its peers (its dir had none), and keeps it.
+        n1_file = json.loads(open(os.path.join(c.configs[0].node.data_dir, "NODE")).read())
+        assert json.loads(open(os.path.join(n3_dir, "NODE")).read()) == {
+            "node": "n3", "cluster": n1_file["cluster"]}
         with Client(addr["n3"]) as cl:
             (t,) = cl.lookup_transfers(["paid"], consistency="follower", min_version=1)
             assert t is not None and t["amount"] == 7

@@ -265,8 +265,9 @@ def test_a_data_dir_is_one_nodes_own(cluster, tmp_path):
     is any node while the file does not name one, and a node that may not make a new dir is
     refused an empty one."""
     import json
-    _, d = _a_stopped_node_with_a_log(cluster, tmp_path)
-    assert json.loads((d / rn.NODE_FILE).read_text()) == {"node": "a"}
+    c, d = _a_stopped_node_with_a_log(cluster, tmp_path)
+    assert json.loads((d / rn.NODE_FILE).read_text()) == {
+        "node": "a", "cluster": rn.cluster_id("local", ["a"])}
     before = {f.name: f.read_bytes() for f in d.iterdir() if f.is_file()}
     with pytest.raises(rn.FatalNodeError, match=f"data dir {d} belongs to node 'a', and this is "
                                                 f"node 'b': each node keeps its own data dir"):
@@ -289,9 +290,73 @@ def test_a_data_dir_is_one_nodes_own(cluster, tmp_path):
         assert wait_for(lambda: again.is_leader(), what="its own node leads again")
         assert again.status()["last_log_index"] >= 2  # with its log
         assert rn.data_dir_state(str(d)) == "node"
-        assert json.loads((d / rn.NODE_FILE).read_text()) == {"node": "a"}
+        assert json.loads((d / rn.NODE_FILE).read_text()) == {
+            "node": "a", "cluster": rn.cluster_id("local", ["a"])}
     finally:
         again.stop()
+
+
+def test_a_data_dir_left_from_another_cluster_is_refused_by_its_new_peers(tmp_path, caplog):
+    """Cluster B's node "a" started on cluster A's "a" dir (the same node ids and paths, a
+    config of the new cluster, which has another name, and no secret or the same one).  The dir holds A's term and log: let
+    in, it wins B's next election with its later term and overwrites what B committed.  The dir
+    names the cluster it was made for, and B's nodes refuse its frames, as it refuses theirs;
+    B carries on with its majority, each side says why in its log, and when B loses its leader
+    it has no majority, rather than the stale node's log."""
+    import logging
+    import shutil
+    caplog.set_level(logging.WARNING, logger="raftpay.node")
+    old = Cluster(str(tmp_path / "A"), cluster_name="staging")
+    new = Cluster(str(tmp_path / "B"), cluster_name="payments")
+    try:
+        old.start()
+        for _ in range(3):  # A's term moves past anything B reaches in this test
+            leader = old.leader()
+            assert propose(leader, {"type": "register_session"})[0] == Code.OK
+            leader.step_down()
+            wait_for(lambda: any(n.is_leader() and n is not leader for n in old.running()),
+                     what="A's next leader")
+        old.converged()
+        old_term = old.nodes["a"].status()["term"]
+        assert old_term >= 4
+        old.stop()
+        shutil.copytree(tmp_path / "A" / "a", tmp_path / "B" / "a")
+        new.start("b", "c")
+        leader = new.leader()
+        for _ in range(3):
+            assert propose(leader, {"type": "register_session"})[0] == Code.OK
+        committed = new.converged()
+        new.start("a")
+        stale = new.nodes["a"]
+        assert stale.status()["cluster"] == rn.cluster_id("staging", "abc")
+        assert leader.status()["cluster"] == rn.cluster_id("payments", "abc")
+        # Several of the stale node's election timeouts (a deadline, not a sync sleep).
+        deadline = time.monotonic() + 6 * 2 * ELECTION_MS / 1000
+        while time.monotonic() < deadline:
+            assert leader.is_leader() and stale.leader_id is None
+            time.sleep(0.05)
+        assert stale.status()["term"] >= old_term  # it kept A's term, and never got in
+        for n in (new.nodes["b"], new.nodes["c"]):
+            assert n.state_hash() == committed and not n.status()["peers"]["a"]["connected"]
+        refused = [r.getMessage() for r in caplog.records
+                   if "the peer's data dir was made for another cluster" in r.getMessage()]
+        ids = {rn.cluster_id(name, "abc") for name in ("staging", "payments")}
+        assert refused and all(any(f"({i};" in m for i in ids) for m in refused), refused
+        # The node that dials has its connections closed unanswered: it says what to check,
+        # and the cluster its own dir was made for (who dials depends on the ports).
+        silent = [r.getMessage() for r in caplog.records
+                  if "closed 3 Raft connections in a row" in r.getMessage()]
+        assert silent and all(any(f"made for its cluster: cluster {i})" in m for i in ids)
+                              for m in silent), silent
+        new.stop(leader.node_id)
+        other = next(n for n in new.running() if n is not stale)
+        deadline = time.monotonic() + 6 * 2 * ELECTION_MS / 1000
+        while time.monotonic() < deadline:
+            assert not stale.is_leader() and other.state_hash() == committed
+            time.sleep(0.05)
+    finally:
+        old.stop()
+        new.stop()
 
 
 def test_a_data_dir_serves_one_node_at_a_time(cluster, tmp_path):

@@ -96,10 +96,10 @@ def bare_pair(tmp_path):
         o.destroy()
 
 
-def _rp_pair(tmp_path, batch_bytes=2 ** 21, socket_buffer_bytes=2 ** 22):
+def _rp_pair(tmp_path, batch_bytes=2 ** 21, socket_buffer_bytes=2 ** 22, clusters=(None, None)):
     objs = []
     addrs = free_addrs(2)
-    for i, addr in enumerate(addrs):
+    for i, (addr, cluster) in enumerate(zip(addrs, clusters)):
         d = tmp_path / f"n{i}"
         d.mkdir()
         owner = _Owner()
@@ -109,7 +109,7 @@ def _rp_pair(tmp_path, batch_bytes=2 ** 21, socket_buffer_bytes=2 ** 22):
                              log_compaction_min_entries=100_000,
                              serializer=owner._begin_snapshot, deserializer=owner._read_snapshot)
         so = rn._RaftpaySyncObj(owner, addr, [a for a in addrs if a != addr], conf,
-                                str(d / rn.JOURNAL_FILE), fsync=True)
+                                str(d / rn.JOURNAL_FILE), fsync=True, cluster=cluster)
         objs.append(so)
     return objs
 
@@ -905,10 +905,44 @@ def test_sealed_frames_round_trip_and_refuse_replay_tampering_and_other_keys(cap
         assert [r.getMessage() for r in caplog.records if reason in r.getMessage()], reason
 
 
+def test_nodes_of_two_clusters_refuse_each_other_and_a_node_without_one_takes_its_peers(
+        tmp_path, caplog):
+    """Every frame carries its sender's cluster (`cluster_id`, kept in the data dir).  Nodes
+    of two clusters read none of each other's frames, so they never elect; a node that has
+    none yet (rejoining with an empty dir) reads its peers' and takes their cluster."""
+    caplog.set_level(logging.WARNING, logger="raftpay.node")
+    one, two = "0123456789abcdef", "fedcba9876543210"
+    (tmp_path / "two").mkdir()
+    pair = _rp_pair(tmp_path / "two", clusters=(one, two))
+    try:
+        assert [so.rp_cluster() for so in pair] == [one, two]
+        deadline = time.monotonic() + 1.0  # five election timeouts of 0.2 s
+        while time.monotonic() < deadline:
+            for so in pair:
+                so.rp_tick(0.002)
+            assert not any(so._isLeader() for so in pair)
+        assert all(so.raftCurrentTerm == 0 for so in pair)  # no pre-vote got through either
+        refused = [r.getMessage() for r in caplog.records if "another cluster" in r.getMessage()]
+        assert refused and all(m.startswith("dropping a Raft connection from 127.0.0.1 (port ")
+                               for m in refused), refused
+    finally:
+        for so in pair:
+            so.rp_destroy()
+    (tmp_path / "one").mkdir()
+    pair = _rp_pair(tmp_path / "one", clusters=(None, one))
+    try:
+        assert pair[0].rp_cluster() is None
+        tick_until(pair, lambda: any(so._isLeader() for so in pair), what="a leader")
+        assert [so.rp_cluster() for so in pair] == [one, one]
+    finally:
+        for so in pair:
+            so.rp_destroy()
+
+
 def test_plain_frames_are_pickle_without_zlib():
     pair = _sealed_pair(secret=None)
     frame = _frame_of(pair, ("k", {"type": "x"}))
-    assert frame[4:5] == rn._FRAME_PLAIN
+    assert frame[4:5] == rn._FRAME_PLAIN and frame[5:13] == rn.NO_CLUSTER  # no transport here
     assert _deliver(frame, pair[1]) == ("k", {"type": "x"})
 
 

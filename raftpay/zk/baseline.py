@@ -79,7 +79,7 @@ from kazoo.protocol.states import KazooState
 from raftpay import wire
 from raftpay.codes import Code, ProtocolError
 from raftpay.config import parse_addr
-from raftpay.node import PeerComplaints, claim_data_dir
+from raftpay.node import PeerComplaints, claim_data_dir, cluster_id
 from raftpay.zk.mirror import ZkMirror, _close_client, cluster_path, make_client
 
 log = logging.getLogger(__name__)
@@ -958,8 +958,9 @@ class ZkNode:
         os.makedirs(self.data_dir, exist_ok=True)
         # Before the log is opened: two nodes appending to one log would interleave batches,
         # and another node's log holds epochs it promised, not ours.
-        self._dir_lock, _ = claim_data_dir(self.data_dir, self.node_id, self._logfile.fsync,
-                                           create=self._new_data_dir)
+        self._dir_lock, _ = claim_data_dir(
+            self.data_dir, self.node_id, cluster_id(self._cluster, [self.node_id, *self.peers]),
+            self._logfile.fsync, create=self._new_data_dir)
         try:
             self._replay_and_bind()
         except BaseException:

@@ -8,8 +8,8 @@ the nodes stay on loopback, each node is told its peers' Raft addresses as *prox
 the proxy rewrites that first message to the name the accepting node knows the connecting one
 by.  That needs node-to-node traffic without encryption (no cluster secret), which the config
 allows on loopback.  Frames are raftpay's (`node._RaftpayConnection`): a 4-byte native-endian
-length, then a type byte and pickle(message); only the first frame is ever opened, and only to
-read a string.
+length, then a type byte, the sender's cluster id (8 bytes) and pickle(message); only the
+first frame is ever opened, and only to read a string.
 
 Everything else is forwarded frame by frame, so faults act on whole Raft messages, per
 direction of each pair (`set_link(src, dst, ...)`):
@@ -265,9 +265,9 @@ def _rewrite_intro(body: bytes, intro_from: str, intro_to: str) -> bytes:
     if body[:1] != _FRAME_PLAIN:
         return body
     try:
-        msg = _StrOnly(io.BytesIO(body[1:])).load()
+        msg = _StrOnly(io.BytesIO(body[9:])).load()  # after the type byte and the cluster
     except Exception:
         return body
     if msg != intro_from:
         return body
-    return _FRAME_PLAIN + pso_pickle.dumps(intro_to)
+    return body[:9] + pso_pickle.dumps(intro_to)
