@@ -294,6 +294,19 @@ def test_a_data_dir_is_one_nodes_own(cluster, tmp_path):
             "node": "a", "cluster": rn.cluster_id("local", ["a"])}
     finally:
         again.stop()
+    # A NODE file from before cluster ids is given the one the config derives; a rejoining
+    # node's keeps none (it takes its peers'); one naming a cluster keeps it.
+    for before, after in (({"node": "a"}, {"node": "a", "cluster": "00000000000000aa"}),
+                          ({"node": "a", "rejoin": True}, {"node": "a", "rejoin": True}),
+                          ({"node": "a", "cluster": "00000000000000bb"},
+                           {"node": "a", "cluster": "00000000000000bb"})):
+        (d / rn.NODE_FILE).write_text(json.dumps(before))
+        fd, info = rn.claim_data_dir(str(d), "a", "00000000000000aa")
+        os.close(fd)
+        assert info == after == json.loads((d / rn.NODE_FILE).read_text())
+    (d / rn.NODE_FILE).write_text(json.dumps({"node": "a", "cluster": "not hex"}))
+    with pytest.raises(rn.FatalNodeError, match="does not name the node the data dir belongs"):
+        rn.claim_data_dir(str(d), "a", "00000000000000aa")
 
 
 def test_a_data_dir_left_from_another_cluster_is_refused_by_its_new_peers(tmp_path, caplog):
