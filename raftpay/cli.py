@@ -509,9 +509,18 @@ def status(cluster: str | None, as_json: bool) -> None:
 
 def _status_problems(rows: list[dict]) -> list[str]:
     """What the table cannot show: why a node stopped its Raft (a full disk, an entry it
-    could not apply), a node that rejoins after losing its data, and which peers a running
-    node has no Raft connection to."""
+    could not apply), a node that rejoins after losing its data, which peers a running node
+    has no Raft connection to, and nodes whose data dirs were made for different clusters."""
     out = []
+    clusters: dict[str, list[str]] = {}
+    for r in rows:
+        if isinstance(r.get("cluster"), str):
+            clusters.setdefault(r["cluster"], []).append(str(r.get("id", r["address"])))
+    if len(clusters) > 1:
+        groups = sorted(clusters.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+        out.append("data dirs made for different clusters (" + "; ".join(
+            f"{', '.join(names)}: {c}" for c, names in groups) + "): nodes of two clusters "
+            "refuse each other (README, 'A node that lost its data')")
     for r in rows:
         name = r.get("id", r["address"])
         if r.get("fatal"):

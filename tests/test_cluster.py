@@ -13,6 +13,7 @@ import msgpack
 import pytest
 
 from raftpay import wire
+from raftpay.node import cluster_id as rn_cluster_id
 from raftpay.client import Client
 from raftpay.codes import Code, OutcomeUnknown, RequestRejected, Unavailable
 from cluster_fixtures import converged_hashes, local_cluster, node_statuses, wait_until
@@ -498,6 +499,45 @@ def test_a_node_that_lost_its_data_rejoins_without_a_vote_until_it_caught_up(tmp
             assert cl.transfer("paid", "a", "b", 7, 840) == Code.EXISTS
     finally:
         c.close()
+
+
+def test_status_names_data_dirs_made_for_another_cluster(tmp_path):
+    """A new cluster ("payments") whose n1 runs on the data dir of an old one's n1 ("staging",
+    the same secret): the nodes refuse each other, so n1 never brings the old cluster's term
+    and accounts in, and `raftpay status` says which dirs were made for which cluster."""
+    import shutil
+
+    from raftpay.cli import LocalCluster
+    secret = "one-secret-for-two-clusters-0123456789abcdef"
+    old = LocalCluster(3, str(tmp_path / "old"), _free_base_port(), secret, name="staging")
+    with old:
+        old.start()
+        old.wait_for_leader()
+        with Client(old.seeds) as cl:
+            assert cl.create_accounts([{"id": "staged", "currency": 840}]) == [Code.OK]
+        converged_hashes(old)
+    new = LocalCluster(3, str(tmp_path / "new"), _free_base_port(), secret, name="payments")
+    with new:
+        new.start()
+        new.wait_for_leader()
+    stale = new.configs[0].node.data_dir
+    shutil.rmtree(stale)
+    shutil.copytree(old.configs[0].node.data_dir, stale)
+    ids = {c: rn_cluster_id(c, ["n1", "n2", "n3"]) for c in ("staging", "payments")}
+    with new:
+        new.start()
+        want = (f"data dirs made for different clusters (n2, n3: {ids['payments']}; n1: "
+                f"{ids['staging']}): nodes of two clusters refuse each other")
+
+        def said():
+            r = subprocess.run([sys.executable, "-m", "raftpay", "status", "--cluster",
+                                new.seeds], capture_output=True, text=True, timeout=60)
+            return want in r.stdout and "n1: no Raft connection to n2, n3" in r.stdout
+        wait_until(said, 30, "status to name both clusters")
+        with Client(new.seeds) as cl:
+            assert cl.create_accounts([{"id": "paid", "currency": 840}]) == [Code.OK]
+            assert cl.lookup_accounts(["staged"]) == [None]
+        assert node_statuses(new)["n1"]["role"] != "leader"
 
 
 def test_node_init_refuses_what_it_cannot_do(tmp_path):
