@@ -274,7 +274,8 @@ def claim_data_dir(data_dir: str, node_id: str, cluster: str, sync: bool = True,
     claimed.  An empty one is claimed only with `create` (in-process nodes, tests); without
     it, `NOT_INITIALIZED` is the refusal.  A dir claimed so, or one whose file names no
     cluster (made before cluster ids), is given `cluster`, the id the node's config derives
-    (`cluster_id`); one rejoining keeps none until it learns its peers'.
+    (`cluster_id`); one rejoining keeps none until it learns its peers'; one made for another
+    cluster is refused.
 
     Why: the dir holds the node's term, vote and log, which the rest of the cluster counts on.
     Another node started on it (a config copied from its neighbour, two configs swapped), or
@@ -296,9 +297,17 @@ def claim_data_dir(data_dir: str, node_id: str, cluster: str, sync: bool = True,
                 f"{node_id!r}: each node keeps its own data dir (a config copied from another "
                 f"node?). Its term, vote and log are {owner}'s; started as {node_id} they could "
                 f"elect two leaders in one term or lose acknowledged entries")
-        elif info.get("cluster") is None and not info.get("rejoin"):
-            info = dict(info, cluster=cluster)
-            write_node_file(data_dir, node_id, sync, cluster=cluster)
+        elif info.get("cluster") is None:
+            if not info.get("rejoin"):
+                info = dict(info, cluster=cluster)
+                write_node_file(data_dir, node_id, sync, cluster=cluster)
+        elif info["cluster"] != cluster:
+            raise FatalNodeError(
+                f"data dir {data_dir} was made for another cluster ({info['cluster']}; this "
+                f"config's [cluster] name and members make {cluster}): a data dir left from "
+                f"another cluster, or the config's name or peers changed since `raftpay node "
+                f"init`. Its term and log are that cluster's; started here they could win an "
+                f"election and overwrite what this cluster committed")
     except BaseException:
         os.close(fd)
         raise

@@ -501,31 +501,41 @@ def test_a_node_that_lost_its_data_rejoins_without_a_vote_until_it_caught_up(tmp
         c.close()
 
 
-def test_status_names_data_dirs_made_for_another_cluster(tmp_path):
-    """A new cluster ("payments") whose n1 runs on the data dir of an old one's n1 ("staging",
-    the same secret): the nodes refuse each other, so n1 never brings the old cluster's term
-    and accounts in, and `raftpay status` says which dirs were made for which cluster."""
+def test_a_node_of_another_cluster_is_refused_and_status_names_both(tmp_path):
+    """A new cluster ("payments") where an old one ("staging") ran, on the same ports and with
+    the same secret.  The old n1's dir under the new n1's config refuses to start; the old n1
+    itself, started again (a stale process), and the new nodes refuse each other, so it never
+    brings the old cluster's term and accounts in, and `raftpay status` says which nodes' dirs
+    were made for which cluster."""
     import shutil
 
     from raftpay.cli import LocalCluster
-    secret = "one-secret-for-two-clusters-0123456789abcdef"
-    old = LocalCluster(3, str(tmp_path / "old"), _free_base_port(), secret, name="staging")
+    secret, base = "one-secret-for-two-clusters-0123456789abcdef", _free_base_port()
+    old = LocalCluster(3, str(tmp_path / "old"), base, secret, name="staging")
     with old:
         old.start()
         old.wait_for_leader()
         with Client(old.seeds) as cl:
             assert cl.create_accounts([{"id": "staged", "currency": 840}]) == [Code.OK]
         converged_hashes(old)
-    new = LocalCluster(3, str(tmp_path / "new"), _free_base_port(), secret, name="payments")
-    with new:
-        new.start()
-        new.wait_for_leader()
-    stale = new.configs[0].node.data_dir
-    shutil.rmtree(stale)
-    shutil.copytree(old.configs[0].node.data_dir, stale)
+    new = LocalCluster(3, str(tmp_path / "new"), base, secret, name="payments")
     ids = {c: rn_cluster_id(c, ["n1", "n2", "n3"]) for c in ("staging", "payments")}
     with new:
         new.start()
+        new.wait_for_leader()
+    moved = new.configs[0].node.data_dir
+    shutil.rmtree(moved)
+    shutil.copytree(old.configs[0].node.data_dir, moved)
+    r = subprocess.run([sys.executable, "-m", "raftpay", "node", "start", "--config",
+                        new.paths[0]], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and (
+        f"refusing to start: data dir {moved} was made for another cluster "
+        f"({ids['staging']}; this config's [cluster] name and members make "
+        f"{ids['payments']})") in r.stderr and "Traceback" not in r.stderr, r.stderr
+    with new, old:
+        new.start("n2")
+        new.start("n3")
+        old.start("n1")
         want = (f"data dirs made for different clusters (n2, n3: {ids['payments']}; n1: "
                 f"{ids['staging']}): nodes of two clusters refuse each other")
 
@@ -534,10 +544,10 @@ def test_status_names_data_dirs_made_for_another_cluster(tmp_path):
                                 new.seeds], capture_output=True, text=True, timeout=60)
             return want in r.stdout and "n1: no Raft connection to n2, n3" in r.stdout
         wait_until(said, 30, "status to name both clusters")
-        with Client(new.seeds) as cl:
+        with Client(",".join(new.client_addrs[1:])) as cl:
             assert cl.create_accounts([{"id": "paid", "currency": 840}]) == [Code.OK]
             assert cl.lookup_accounts(["staged"]) == [None]
-        assert node_statuses(new)["n1"]["role"] != "leader"
+        assert node_statuses(old)["n1"]["role"] != "leader"
 
 
 def test_node_init_refuses_what_it_cannot_do(tmp_path):

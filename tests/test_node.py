@@ -295,32 +295,36 @@ def test_a_data_dir_is_one_nodes_own(cluster, tmp_path):
     finally:
         again.stop()
     # A NODE file from before cluster ids is given the one the config derives; a rejoining
-    # node's keeps none (it takes its peers'); one naming a cluster keeps it.
+    # node's keeps none (it takes its peers'); one naming another cluster is refused.
     for before, after in (({"node": "a"}, {"node": "a", "cluster": "00000000000000aa"}),
                           ({"node": "a", "rejoin": True}, {"node": "a", "rejoin": True}),
-                          ({"node": "a", "cluster": "00000000000000bb"},
-                           {"node": "a", "cluster": "00000000000000bb"})):
+                          ({"node": "a", "cluster": "00000000000000aa"},
+                           {"node": "a", "cluster": "00000000000000aa"})):
         (d / rn.NODE_FILE).write_text(json.dumps(before))
         fd, info = rn.claim_data_dir(str(d), "a", "00000000000000aa")
         os.close(fd)
         assert info == after == json.loads((d / rn.NODE_FILE).read_text())
-    (d / rn.NODE_FILE).write_text(json.dumps({"node": "a", "cluster": "not hex"}))
-    with pytest.raises(rn.FatalNodeError, match="does not name the node the data dir belongs"):
-        rn.claim_data_dir(str(d), "a", "00000000000000aa")
+    for cluster, why in (("00000000000000bb", "was made for another cluster"),
+                         ("not hex", "does not name the node the data dir belongs")):
+        (d / rn.NODE_FILE).write_text(json.dumps({"node": "a", "cluster": cluster}))
+        with pytest.raises(rn.FatalNodeError, match=why):
+            rn.claim_data_dir(str(d), "a", "00000000000000aa")
 
 
-def test_a_data_dir_left_from_another_cluster_is_refused_by_its_new_peers(tmp_path, caplog):
-    """Cluster B's node "a" started on cluster A's "a" dir (the same node ids and paths, a
-    config of the new cluster, which has another name, and no secret or the same one).  The dir holds A's term and log: let
-    in, it wins B's next election with its later term and overwrites what B committed.  The dir
-    names the cluster it was made for, and B's nodes refuse its frames, as it refuses theirs;
-    B carries on with its majority, each side says why in its log, and when B loses its leader
-    it has no majority, rather than the stale node's log."""
+def test_a_node_of_another_cluster_is_refused_at_start_and_by_its_new_peers(tmp_path, caplog):
+    """Cluster B ("payments") runs where cluster A ("staging") ran: the same node ids, paths
+    and ports, no secret (or the same one).  A's "a" dir holds A's term and log: let in, it
+    wins B's next election with its later term and overwrites what B committed.  The dir names
+    the cluster it was made for: B's "a" config refuses to start on it, and A's "a" node
+    started again (a stale process, its own config) is refused by B's nodes, as it refuses
+    them; B carries on with its majority, each side says why in its log, and when B loses its
+    leader it has no majority, rather than the stale node's log."""
     import logging
     import shutil
     caplog.set_level(logging.WARNING, logger="raftpay.node")
     old = Cluster(str(tmp_path / "A"), cluster_name="staging")
     new = Cluster(str(tmp_path / "B"), cluster_name="payments")
+    new.addrs = dict(old.addrs)
     try:
         old.start()
         for _ in range(3):  # A's term moves past anything B reaches in this test
@@ -334,13 +338,20 @@ def test_a_data_dir_left_from_another_cluster_is_refused_by_its_new_peers(tmp_pa
         assert old_term >= 4
         old.stop()
         shutil.copytree(tmp_path / "A" / "a", tmp_path / "B" / "a")
+        before = {f.name: f.read_bytes() for f in (tmp_path / "B" / "a").iterdir()}
+        with pytest.raises(rn.FatalNodeError, match=(
+                f"was made for another cluster \\({rn.cluster_id('staging', 'abc')}; this "
+                f"config's \\[cluster\\] name and members make "
+                f"{rn.cluster_id('payments', 'abc')}\\): a data dir left from another")):
+            new.make("a").start()
+        assert {f.name: f.read_bytes() for f in (tmp_path / "B" / "a").iterdir()} == before
         new.start("b", "c")
         leader = new.leader()
         for _ in range(3):
             assert propose(leader, {"type": "register_session"})[0] == Code.OK
         committed = new.converged()
-        new.start("a")
-        stale = new.nodes["a"]
+        stale = old.nodes["a"] = old.make("a")
+        stale.start()
         assert stale.status()["cluster"] == rn.cluster_id("staging", "abc")
         assert leader.status()["cluster"] == rn.cluster_id("payments", "abc")
         # Several of the stale node's election timeouts (a deadline, not a sync sleep).
