@@ -898,6 +898,7 @@ _FRAME_PLAIN = b"P"  # pickle, no secret configured (loopback only, enforced by 
 _FRAME_SEALED = b"S"  # seq (8 bytes) | nonce (12) | AES-GCM(pickle), authenticated with the head
 #: The cluster a node stamps while it has none: a node rejoining with an empty dir.
 NO_CLUSTER = bytes(8)
+_FRAME_TYPES = frozenset(_FRAME_PLAIN + _FRAME_SEALED)  # as the ints a bytearray holds
 #: Key derivation for the cluster secret; a salt of our own, so the key is not upstream's.
 _SEAL_SALT = b"raftpay/raft-transport/aes-gcm/v1"
 #: A peer whose frames this node cannot open, or that closes our connections unanswered, is
@@ -1131,11 +1132,19 @@ class _RaftpayConnection(TcpConnection):
         if len(buf) - pos < 4:
             return None
         (n,) = _I32.unpack_from(buf, pos)
-        if n < 0:
-            log.warning("dropping a Raft connection: negative frame length")
+        have = len(buf) - pos - 4
+        if have and buf[pos + 4] not in _FRAME_TYPES:
+            # A client frame's length is big-endian (read here as a huge native int), and the
+            # client then waits for an answer that never comes: say so at once, and close.
+            self._rp_refused("not a raftpay Raft frame: a raftpay client (or another program) "
+                             "on the Raft port? Clients connect to the nodes' client_addr")
             self.disconnect()
             return None
-        if len(buf) - pos - 4 < n:
+        if n <= 0:
+            self._rp_refused(f"a frame of {n} bytes announced: not a raftpay Raft frame")
+            self.disconnect()
+            return None
+        if have < n:
             return None
         data = bytes(buf[pos + 4:pos + 4 + n])
         # Consume before decoding (a failure disconnects, which resets the buffer anyway).

@@ -939,6 +939,25 @@ def test_nodes_of_two_clusters_refuse_each_other_and_a_node_without_one_takes_it
             so.rp_destroy()
 
 
+def test_what_is_no_raft_frame_is_refused_before_its_body_arrives(caplog):
+    """A client of the client port dialling the Raft port by mistake sent a frame whose
+    big-endian length reads as ~1 GB here: the node waited for it, silently, and the client
+    timed out.  A frame's type byte, or a length no frame has, now ends the connection at
+    once, saying why."""
+    from raftpay import wire
+    caplog.set_level(logging.WARNING, logger="raftpay.node")
+    client_frame = wire.encode("status", 1, {})
+    for frame, why in ((client_frame, "not a raftpay Raft frame: a raftpay client (or another "
+                                      "program) on the Raft port?"),
+                       (rn._I32.pack(-5), "a frame of -5 bytes announced"),
+                       (rn._I32.pack(0), "a frame of 0 bytes announced")):
+        caplog.clear()
+        _, receiver = _sealed_pair(None)
+        assert _deliver(frame, receiver) is None and receiver.state == 0  # DISCONNECTED
+        assert [r.getMessage() for r in caplog.records if why in r.getMessage()], (
+            why, [r.getMessage() for r in caplog.records])
+
+
 def test_plain_frames_are_pickle_without_zlib():
     pair = _sealed_pair(secret=None)
     frame = _frame_of(pair, ("k", {"type": "x"}))
