@@ -1136,8 +1136,11 @@ class _RaftpayConnection(TcpConnection):
         if have and buf[pos + 4] not in _FRAME_TYPES:
             # A client frame's length is big-endian (read here as a huge native int), and the
             # client then waits for an answer that never comes: say so at once, and close.
-            self._rp_refused("not a raftpay Raft frame: a raftpay client (or another program) "
-                             "on the Raft port? Clients connect to the nodes' client_addr")
+            self._rp_refused(
+                "not a raftpay Raft frame: a raftpay client (or another program) on the Raft "
+                "port? Clients connect to the nodes' client_addr" if self.rp_dialed is None else
+                f"not a raftpay Raft frame: is {self.rp_dialed.address} the peer's raft_addr, "
+                f"or its client_addr (or another program's port)?")
             self.disconnect()
             return None
         if n <= 0:
@@ -1257,6 +1260,19 @@ class _RaftpayTransport(TCPTransport):
 
     def _onNewIncomingConnection(self, conn):
         super()._onNewIncomingConnection(_RaftpayConnection.rp_adopt(conn, self))
+
+    def _onIncomingMessageReceived(self, conn, message):
+        # Upstream drops a connection whose node introduces itself by an address it does not
+        # know without a word; both sides then wait for ever (the introduction is the address
+        # the dialer's own config gives it, after the key exchange when there is a secret).
+        if (isinstance(message, str) and message != "readonly"
+                and message not in self._nodeAddrToNode
+                and (not self._syncObj.encryptor or conn.sendRandKey)):
+            self.rp_complain(("stranger", message), (
+                f"a node introduced itself as {message}, which is not one of this node's peers "
+                f"({', '.join(sorted(self._nodeAddrToNode))}): does its config list it at "
+                f"another address than this node's does?"))
+        super()._onIncomingMessageReceived(conn, message)
 
     #: Acknowledgements held back while the messages of one read are handled (None: not in
     #: such a pass); `rp_flush_acks` syncs once and sends them.

@@ -981,6 +981,42 @@ def test_a_peer_without_a_connection_is_named_in_the_log_and_so_is_its_return(
     assert len(said(down)) == 2  # once per interval (a minute), not once per check
 
 
+@pytest.mark.parametrize("secret", [None, "s3cret"])
+def test_a_node_known_by_another_address_than_its_own_is_named_by_the_node_it_dials(
+        tmp_path, caplog, secret):
+    """c's config gives it another Raft address than a's and b's list it at (a copied config
+    with the wrong host).  c dials them introducing itself by its own address; upstream
+    dropped such a connection without a word, and each side waited for the other for ever.
+    The node that drops it now says which address was introduced and whom it knows."""
+    import logging
+    caplog.set_level(logging.WARNING, logger="raftpay.node")
+    a, b, listed = sorted(free_addrs(3))  # c as listed sorts last: it dials both
+    with socket.socket() as s:  # c's own address, on another loopback host
+        s.bind(("127.0.0.2", 0))
+        own = f"127.0.0.2:{s.getsockname()[1]}"
+    addrs = {"a": a, "b": b, "c": listed}
+    nodes = [Node(i, addrs[i], {j: x for j, x in addrs.items() if j != i},
+                  str(tmp_path / i), election_timeout_ms=ELECTION_MS, secret=secret)
+             for i in ("a", "b")]
+    nodes.append(Node("c", own, {"a": a, "b": b}, str(tmp_path / "c"),
+                      election_timeout_ms=ELECTION_MS, secret=secret))
+    try:
+        for n in nodes:
+            n.start()
+        said = f"a node introduced itself as {own}, which is not one of this node's peers"
+        wait_for(lambda: len([r for r in caplog.records if said in r.getMessage()]) >= 2, 15,
+                 "a and b to name the stranger")
+        for r in caplog.records:
+            if said in r.getMessage():
+                assert r.getMessage().endswith(
+                    "does its config list it at another address than this node's does?")
+                assert listed in r.getMessage()  # the address this node expects c at
+        assert not nodes[0].status()["peers"]["c"]["connected"]
+    finally:
+        for n in nodes:
+            n.stop()
+
+
 def test_step_down_hands_leadership_over(cluster):
     c = cluster().start()
     old = c.leader()

@@ -223,6 +223,7 @@ def test_internal_names_exist(tmp_path):
                  "_TcpConnection__recvBufferSize"):
         assert hasattr(conn, name), f"TcpConnection has no {name}"
     assert callable(TCPTransport.addNode) and callable(TCPTransport._onNewIncomingConnection)
+    assert callable(TCPTransport._onIncomingMessageReceived)  # gets the dialer's address
     assert isinstance(SyncObj.encryptor, property)
     assert callable(TcpConnection.getSendBufferSize) and callable(TcpConnection.fileno)
     # The loop poller stands in for upstream's: same interface, same event bits.
@@ -956,6 +957,16 @@ def test_what_is_no_raft_frame_is_refused_before_its_body_arrives(caplog):
         assert _deliver(frame, receiver) is None and receiver.state == 0  # DISCONNECTED
         assert [r.getMessage() for r in caplog.records if why in r.getMessage()], (
             why, [r.getMessage() for r in caplog.records])
+    # The other way round: a peer listed at its client port answers our frames with its own.
+    from pysyncobj.node import TCPNode
+    caplog.clear()
+    _, receiver = _sealed_pair(None)
+    receiver.rp_dialed = TCPNode("127.0.0.1:7101")
+    reply = wire.encode("reply", 0, {"code": 102, "message": "frame announces 671088640 bytes"})
+    assert _deliver(reply, receiver) is None and receiver.state == 0
+    why = ("not a raftpay Raft frame: is 127.0.0.1:7101 the peer's raft_addr, or its "
+           "client_addr (or another program's port)?")
+    assert [r.getMessage() for r in caplog.records if why in r.getMessage()], caplog.records
 
 
 def test_plain_frames_are_pickle_without_zlib():
