@@ -588,7 +588,7 @@ def test_a_nodes_log_lines_name_the_node(cluster):
 
     def the_line():
         with open(path, encoding="utf-8", errors="replace") as f:
-            return next((ln for ln in f if "negative frame length" in ln), None)
+            return next((ln for ln in f if "a frame of -1 bytes announced" in ln), None)
     line = wait_until(the_line, what="the node's warning in its log")
     assert f" {cfg.node.id} raftpay.node WARNING dropping a Raft connection" in line, line
 
