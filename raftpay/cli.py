@@ -475,19 +475,15 @@ def demo(nodes: int, base_port: int) -> None:
 @_cluster_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(cluster: str | None, as_json: bool) -> None:
-    """A table of nodes: role, term, commit and applied index, lag, address."""
-    from .client import Client, parse_seeds
+    """A table of nodes: role, term, commit and applied index, lag, address.
+
+    One node's address is enough: every node names its cluster's members, and each is asked."""
+    from .client import parse_seeds
     try:
         addrs = parse_seeds(cluster)
     except ValueError as e:
         raise click.UsageError(str(e))
-    rows = []
-    for addr in addrs:
-        try:
-            with Client(addr, timeout_s=2, attempt_timeout_s=2) as c:
-                rows.append(dict(c.status(addr=addr), address=addr))
-        except codes.RaftpayError as e:
-            rows.append({"address": addr, "role": "unreachable", "error": str(e)})
+    rows = _status_rows(addrs)
     if as_json:
         click.echo(json.dumps(rows, indent=2, default=str))
     else:
@@ -505,6 +501,39 @@ def status(cluster: str | None, as_json: bool) -> None:
             click.echo(line)
     if all(r.get("role") == "unreachable" for r in rows):
         sys.exit(EXIT_UNAVAILABLE)
+
+
+def _status_rows(seeds: list[str]) -> list[dict]:
+    """Each node's status, from the seeds and every member a node names (its config's client
+    addresses), so one seed shows the whole cluster; by node id, then address."""
+    from .client import Client
+    rows: dict[str, dict] = {}  # node id (address while unknown) -> row
+    names: dict[str, str] = {}  # client address -> node id, as the members lists give them
+    todo, asked = list(seeds), set()
+    while todo:
+        addr = todo.pop(0)
+        if addr in asked:
+            continue
+        asked.add(addr)
+        try:
+            with Client(addr, timeout_s=2, attempt_timeout_s=2) as c:
+                row = dict(c.status(addr=addr), address=addr)
+        except codes.RaftpayError as e:
+            row = {"address": addr, "role": "unreachable", "error": str(e)}
+            if addr in names:
+                row["id"] = names[addr]
+        members = row.get("members")
+        if isinstance(members, dict):
+            for nid, member in members.items():
+                if isinstance(member, str):
+                    names.setdefault(member, str(nid))
+                    todo.append(member)
+                    if member in asked and rows.get(member, {}).get("role") == "unreachable":
+                        rows[member]["id"] = str(nid)
+        key = str(row.get("id", addr))
+        if key not in rows or rows[key].get("role") == "unreachable":
+            rows[key] = row
+    return sorted(rows.values(), key=lambda r: (str(r.get("id", "~")), r["address"]))
 
 
 def _status_problems(rows: list[dict]) -> list[str]:

@@ -772,7 +772,8 @@ async def serve(cfg, *, stop: asyncio.Event | None = None, on_ready=None) -> Non
             if ntp.exceeds(cfg.clock.max_offset_ms):
                 log.warning("NTP: this node's clock is off by %s ms (+- %s), beyond the guard "
                             "of %d ms", ntp.offset_ms, ntp.error_ms, cfg.clock.max_offset_ms)
-        return {"client_addr": cfg.node.client_addr, "hlc": hlc.peek(), "clock": clock,
+        return {"client_addr": cfg.node.client_addr, "members": by_id, "hlc": hlc.peek(),
+                "clock": clock,
                 **({"zk": mirror.status()} if mirror else {})}
 
     server = Server(node, stamp=guarded_stamp(hlc, guard, node, events), client_addr_of=by_id.get,

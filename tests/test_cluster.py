@@ -484,6 +484,9 @@ def test_a_node_that_lost_its_data_rejoins_without_a_vote_until_it_caught_up(tmp
             time.sleep(0.1)
         r = run("status", "--cluster", c.seeds)
         assert "n3: rejoining after losing its data" in r.stdout, r.stdout
+        r = run("status", "--cluster", addr["n2"])  # n1, down, is named by its members
+        rows = {line.split()[0]: line.split()[1] for line in r.stdout.splitlines()[1:4]}
+        assert rows == {"n1": "unreachable", "n2": "follower", "n3": "follower"}, r.stdout
         c.start("n1")
         wait_until(lambda: node_statuses(c).get("n3", {}).get("rejoining") is False, 30,
                    "n3 to catch up and vote again")
@@ -702,6 +705,10 @@ def test_cli_flow(cluster):
     assert r.returncode == 0 and r.stdout.count("leader") == 1
     assert len(r.stdout.splitlines()) == 4  # the table alone: nothing stopped, every link up
     assert r.stdout.count("±") == 3  # each node's clock offset and bound
+    # One node's address shows the whole cluster: the nodes name their members.
+    one = run("status", "--cluster", cluster.client_addrs[1])
+    assert one.returncode == 0 and [line.split()[0] for line in one.stdout.splitlines()] == [
+        "node", "n1", "n2", "n3"] and one.stdout.count("leader") == 1, one.stdout
     r = run("status", "--cluster", "127.0.0.1:1")
     assert r.returncode == 3
     # A number the protocol cannot carry, ids no account or transfer can have: a usage error

@@ -1674,7 +1674,7 @@ async def serve(cfg, *, stop: asyncio.Event | None = None, on_ready=None) -> Non
     server = Server(node, stamp=hlc.now, client_addr_of=by_id.get,
                     settings=ServerSettings.from_config(cfg),
                     extra_status=lambda: {"client_addr": cfg.node.client_addr,
-                                          "hlc": hlc.peek(),
+                                          "members": by_id, "hlc": hlc.peek(),
                                           "zk": node._mirror.status() if node._mirror else None})
     stop = stop_on_signals(stop)
     loop = asyncio.get_running_loop()
