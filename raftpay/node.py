@@ -266,7 +266,7 @@ NOT_INITIALIZED = (
 
 
 def claim_data_dir(data_dir: str, node_id: str, cluster: str, sync: bool = True,
-                   create: bool = True) -> tuple[int, dict]:
+                   create: bool = True, mode: str = "raft") -> tuple[int, dict]:
     """`lock_data_dir`, then make sure the dir is `node_id`'s: its NODE file names the node
     it was made for, and a dir of another node is refused with `FatalNodeError` (the lock is
     given back).  Returns the lock's fd and the NODE file as it stands (`read_node_file`).
@@ -275,7 +275,8 @@ def claim_data_dir(data_dir: str, node_id: str, cluster: str, sync: bool = True,
     it, `NOT_INITIALIZED` is the refusal.  A dir claimed so, or one whose file names no
     cluster (made before cluster ids), is given `cluster`, the id the node's config derives
     (`cluster_id`); one rejoining keeps none until it learns its peers'; one made for another
-    cluster is refused.
+    cluster is refused, and so is one holding the files of another `mode` than the node runs
+    ("raft" or "zk-election", `STATE_FILE_PREFIXES`): it would start as if empty.
 
     Why: the dir holds the node's term, vote and log, which the rest of the cluster counts on.
     Another node started on it (a config copied from its neighbour, two configs swapped), or
@@ -284,6 +285,13 @@ def claim_data_dir(data_dir: str, node_id: str, cluster: str, sync: bool = True,
     (the fsync policy "never") leaves the file to the page cache.  Blocks on file I/O."""
     fd = lock_data_dir(data_dir)
     try:
+        own = STATE_FILE_PREFIXES[0 if mode == "raft" else 1]
+        others = [n for n in _node_files(data_dir) if not n.startswith(own)]
+        if others:
+            raise FatalNodeError(
+                f"data dir {data_dir} holds another mode's files ({', '.join(others[:3])}), and "
+                f"this config runs {mode} mode: started here, the node would find none of its "
+                f"data (a config whose [node] mode changed?)")
         info = read_node_file(data_dir)
         owner = None if info is None else info["node"]
         if owner is None:

@@ -311,6 +311,25 @@ def test_a_data_dir_is_one_nodes_own(cluster, tmp_path):
             rn.claim_data_dir(str(d), "a", "00000000000000aa")
 
 
+def test_a_data_dir_of_the_other_mode_is_refused(tmp_path):
+    """A config whose [node] mode changed (raft <-> zk-election) on a dir with the other mode's
+    files: the node would find none of its data and start as if empty (a Raft node that forgot
+    its vote and log).  Refused, before any file is touched."""
+    from raftpay.zk.baseline import LOG_FILE
+    for mode, present in (("raft", LOG_FILE), ("zk-election", rn.JOURNAL_FILE)):
+        d = tmp_path / mode
+        rn.init_data_dir(str(d), "a", "00000000000000aa")
+        (d / present).write_bytes(b"x")
+        before = sorted(f.name for f in d.iterdir())
+        with pytest.raises(rn.FatalNodeError, match=(
+                f"holds another mode's files \\({present}\\), and this config runs {mode} "
+                f"mode: started here, the node would find none of its data")):
+            rn.claim_data_dir(str(d), "a", "00000000000000aa", mode=mode)
+        assert sorted(f.name for f in d.iterdir()) == before
+    with pytest.raises(rn.FatalNodeError, match="holds another mode's files"):
+        Node("a", free_addr(), {}, str(tmp_path / "raft"), new_data_dir=False).start()
+
+
 def test_a_node_of_another_cluster_is_refused_at_start_and_by_its_new_peers(tmp_path, caplog):
     """Cluster B ("payments") runs where cluster A ("staging") ran: the same node ids, paths
     and ports, no secret (or the same one).  A's "a" dir holds A's term and log: let in, it

@@ -960,7 +960,7 @@ class ZkNode:
         # and another node's log holds epochs it promised, not ours.
         self._dir_lock, _ = claim_data_dir(
             self.data_dir, self.node_id, cluster_id(self._cluster, [self.node_id, *self.peers]),
-            self._logfile.fsync, create=self._new_data_dir)
+            self._logfile.fsync, create=self._new_data_dir, mode="zk-election")
         try:
             self._replay_and_bind()
         except BaseException:
