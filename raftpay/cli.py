@@ -520,19 +520,18 @@ def _status_rows(seeds: list[str]) -> list[dict]:
                 row = dict(c.status(addr=addr), address=addr)
         except codes.RaftpayError as e:
             row = {"address": addr, "role": "unreachable", "error": str(e)}
-            if addr in names:
-                row["id"] = names[addr]
         members = row.get("members")
         if isinstance(members, dict):
             for nid, member in members.items():
                 if isinstance(member, str):
                     names.setdefault(member, str(nid))
                     todo.append(member)
-                    if member in asked and rows.get(member, {}).get("role") == "unreachable":
-                        rows[member]["id"] = str(nid)
         key = str(row.get("id", addr))
         if key not in rows or rows[key].get("role") == "unreachable":
             rows[key] = row
+    for row in rows.values():  # one that did not answer, by the id its members know it by
+        if "id" not in row and row["address"] in names:
+            row["id"] = names[row["address"]]
     return sorted(rows.values(), key=lambda r: (str(r.get("id", "~")), r["address"]))
 
 
