@@ -499,3 +499,34 @@ def test_ensemble_survives_losing_its_leader(zk_ensemble, mirrors, cluster):  # 
     finally:
         zk.stop()
         zk.close()
+
+
+def test_a_zookeeper_address_that_is_no_zookeeper_is_named_not_flooded(tmp_path, caplog):
+    """`[zk] hosts` naming a raftpay node's client port (a real one here): its replies read as
+    ended sessions to kazoo, which retried at once, ~10 times a second, each time warning
+    "Session has expired" and nothing else.  The client's lines now name the ensemble, a
+    streak says what to check, and each kind is said once a minute (with ZooKeeper down too:
+    "Connection dropped" came every second)."""
+    import logging
+
+    from cluster_fixtures import free_addr, local_cluster
+    from raftpay.zk.mirror import make_client
+    caplog.set_level(logging.WARNING, logger="raftpay.zk.kazoo")
+    with local_cluster(tmp_path, nodes=1) as c:
+        c.start()
+        c.wait_for_leader()
+        for hosts in (c.client_addrs[0], free_addr()):  # no ZooKeeper; nothing listening
+            caplog.clear()
+            client = make_client(hosts, session_timeout_s=4, op_timeout_s=2)
+            client.start_async()
+            time.sleep(3)
+            client.stop()
+            client.close()
+            said = [r.getMessage() for r in caplog.records]
+            assert said and all(m.startswith(f"ZooKeeper {hosts}: ") for m in said), said
+            # Each kind once, however many tries (kazoo tried ~30 times, or 3 with a backoff).
+            for kind in ("Session has expired", "Connection dropped"):
+                assert sum(m.startswith(f"ZooKeeper {hosts}: {kind}") for m in said) <= 2, said
+            streak = [m for m in said if "likely no ZooKeeper; is [zk] hosts a ZooKeeper" in m]
+            assert len(streak) == (hosts == c.client_addrs[0]), said
+            assert len(said) <= 4, said

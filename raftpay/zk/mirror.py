@@ -110,6 +110,49 @@ def _term_of(obj: dict | None) -> int:
     return term if isinstance(term, int) and not isinstance(term, bool) else -1
 
 
+class _KazooLog(logging.LoggerAdapter):
+    """kazoo's logger for one client: its lines name the ensemble, and its warnings are said
+    once a minute per kind, with a count of the rest (`raftpay.node.PeerComplaints`).
+
+    Why: kazoo warns on every failed attempt, for as long as it runs: once a second while
+    ZooKeeper is down, and ~10 times a second against a port that is no ZooKeeper (the reply
+    reads as an ended session, and kazoo retries at once).  A config whose `[zk] hosts` named a
+    node's client port logged 200 lines of "Session has expired" in 20 s, none saying where;
+    such a streak now says what to check."""
+
+    #: "Session has expired" this many times without a connection in between: no ZooKeeper.
+    EXPIRED_STREAK = 3
+
+    def __init__(self, hosts: str):
+        from raftpay.node import PeerComplaints
+        super().__init__(kazoo_log, {})
+        self.hosts = hosts
+        self._complain = PeerComplaints(kazoo_log).warn
+        self._expired = 0  # in a row, since the last connection
+
+    def process(self, msg, kwargs):
+        return f"ZooKeeper {self.hosts}: {msg}", kwargs
+
+    def log(self, level, msg, *args, **kwargs):
+        if level < logging.WARNING or kwargs.get("exc_info"):
+            super().log(level, msg, *args, **kwargs)
+            return
+        text, kind = str(msg) % args if args else str(msg), str(msg)
+        if text.startswith("Session has expired"):
+            self._expired += 1
+            if self._expired >= self.EXPIRED_STREAK:
+                kind = "no zookeeper"
+                text += (f" ({self._expired} times in a row, each at once: a server that ends "
+                         f"every session it is asked for is likely no ZooKeeper; is [zk] hosts "
+                         f"a ZooKeeper ensemble, and not raftpay's ports?)")
+        self._complain(("kazoo", kind), f"ZooKeeper {self.hosts}: {text}")
+
+    def on_state(self, state: str) -> None:
+        """A state listener (kazoo's thread): a connection ends a streak."""
+        if state == KazooState.CONNECTED:
+            self._expired = 0
+
+
 def make_client(
     hosts: str,
     *,
@@ -134,7 +177,8 @@ def make_client(
             make_acl("world", "anyone", read=True),
         ]
         auth = [("digest", digest)]
-    return KazooClient(
+    logger = _KazooLog(hosts)
+    client = KazooClient(
         hosts=hosts,
         # kazoo's `timeout` is the session timeout it asks for; the server clamps it to
         # [2, 20] x tickTime.
@@ -145,8 +189,10 @@ def make_client(
         ),
         default_acl=acl,
         auth_data=auth,
-        logger=kazoo_log,
+        logger=logger,
     )
+    client.add_listener(logger.on_state)
+    return client
 
 
 def _close_client(client: KazooClient, timeout_s: float) -> None:
