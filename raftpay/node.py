@@ -1167,8 +1167,9 @@ class _RaftpayConnection(TcpConnection):
             del buf[:pos]
             pos = 0
         self.rp_rpos = pos
+        cluster = data[1:9]
         try:
-            refusal = self._rp_cluster_refusal(data[1:9])
+            refusal = self._rp_cluster_refusal(cluster)
             if refusal:
                 raise ValueError(refusal)
             if self.encryptor:
@@ -1190,7 +1191,10 @@ class _RaftpayConnection(TcpConnection):
             self._rp_refused(str(e) or type(e).__name__)
             self.disconnect()
             return None
-        if not self.rp_frames_in and self.rp_dialed is not None and self.rp_transport:
+        transport = self.rp_transport
+        if transport is not None and transport.rp_cluster == NO_CLUSTER:
+            transport.rp_cluster = cluster  # authenticated, with a secret (see the refusal)
+        if not self.rp_frames_in and self.rp_dialed is not None and transport:
             self.rp_transport.rp_silent_closes.pop(self.rp_dialed, None)  # it answers us
         self.rp_frames_in += 1
         return message
@@ -1198,8 +1202,9 @@ class _RaftpayConnection(TcpConnection):
     def _rp_cluster_refusal(self, cluster: bytes) -> str | None:
         """Why a frame stamped with `cluster` is refused, None if it is not.  A node reads the
         frames of its own cluster, and those of a node with none yet (rejoining with an empty
-        dir, it abstains until it caught up); a node with none takes the first cluster it
-        hears from (the node writes it down when its rejoin ends, `Node._end_rejoin`).
+        dir, it abstains until it caught up); a node with none reads any, and takes the cluster
+        of the first that opens (`_rp_parse`: with a secret, only once it authenticated; the
+        node writes it down when its rejoin ends, `Node._end_rejoin`).
 
         Why: a data dir left from another cluster (the same paths and node ids, a config of
         the new cluster) holds that cluster's term and log; it could win an election in the
@@ -1211,8 +1216,6 @@ class _RaftpayConnection(TcpConnection):
         if len(cluster) < 8:
             return "not a raftpay Raft frame"
         if own == NO_CLUSTER:
-            if transport is not None:
-                transport.rp_cluster = cluster
             return None
         return (f"the peer's data dir was made for another cluster ({cluster.hex()}; this "
                 f"node's is {own.hex()}): a data dir left from another cluster, or configs "

@@ -969,6 +969,36 @@ def test_what_is_no_raft_frame_is_refused_before_its_body_arrives(caplog):
     assert [r.getMessage() for r in caplog.records if why in r.getMessage()], caplog.records
 
 
+class _StubTransport:
+    """What a connection asks of its transport while it reads: the cluster, complaints, acks."""
+
+    def __init__(self, cluster=rn.NO_CLUSTER):
+        self.rp_cluster, self.rp_silent_closes, self.complaints = cluster, {}, []
+
+    def rp_complain(self, key, message):
+        self.complaints.append(message)
+
+    def rp_begin_acks(self):
+        pass
+
+    def rp_flush_acks(self):
+        pass
+
+
+def test_a_node_without_a_cluster_takes_one_only_from_a_frame_that_opens():
+    """A rejoining node (no cluster yet) reads any cluster's frames, and takes the cluster of
+    the first that authenticates: one sealed with another secret, refused, would otherwise
+    leave it refusing its real peers for ever."""
+    one = bytes.fromhex("0123456789abcdef")
+    for secret, taken in (("another", rn.NO_CLUSTER), ("s3cret", one)):
+        sender, receiver = _sealed_pair()
+        sender.encryptor = rn._Sealer(secret)
+        sender.rp_transport, receiver.rp_transport = _StubTransport(one), _StubTransport()
+        message = _deliver(_frame_of((sender, receiver), {"x": 1}), receiver)
+        assert message == ({"x": 1} if secret == "s3cret" else None)
+        assert receiver.rp_transport.rp_cluster == taken
+
+
 def test_plain_frames_are_pickle_without_zlib():
     pair = _sealed_pair(secret=None)
     frame = _frame_of(pair, ("k", {"type": "x"}))
