@@ -1037,11 +1037,11 @@ class _SendQueue:
 class _RaftpayConnection(TcpConnection):
     """Upstream's TCP connection with raftpay's framing: `pickle.dumps(message)` behind a type
     byte and the sender's cluster (`_rp_cluster_refusal`), sealed by `_Sealer` when the
-    cluster has a secret — no zlib (~80 us a message to
-    compress ~200 bytes on loopback), no Fernet.  The transport turns each connection it makes or
-    accepts into this class before anything is sent on it (`rp_adopt`); every node of a cluster
-    runs raftpay, so both ends speak it, and a peer that does not (or lacks the secret) fails the
-    first frame and is disconnected.  Nothing is unpickled before it authenticates, when sealed.
+    cluster has a secret — no zlib (~80 us a message to compress ~200 bytes on loopback), no
+    Fernet.  The transport turns each connection it makes or accepts into this class before
+    anything is sent on it (`rp_adopt`); every node of a cluster runs raftpay, so both ends
+    speak it, and a peer that does not (or lacks the secret) fails the first frame and is
+    disconnected.  Nothing is unpickled before it authenticates, when sealed.
 
     The length prefix is upstream's.  The buffers are not: unsent bytes are a `_SendQueue`, and
     received bytes a bytearray read from an offset (`rp_rpos`), so a large transfer costs linear
@@ -1195,7 +1195,7 @@ class _RaftpayConnection(TcpConnection):
         if transport is not None and transport.rp_cluster == NO_CLUSTER:
             transport.rp_cluster = cluster  # authenticated, with a secret (see the refusal)
         if not self.rp_frames_in and self.rp_dialed is not None and transport:
-            self.rp_transport.rp_silent_closes.pop(self.rp_dialed, None)  # it answers us
+            transport.rp_silent_closes.pop(self.rp_dialed, None)  # it answers us
         self.rp_frames_in += 1
         return message
 
@@ -1206,9 +1206,10 @@ class _RaftpayConnection(TcpConnection):
         of the first that opens (`_rp_parse`: with a secret, only once it authenticated; the
         node writes it down when its rejoin ends, `Node._end_rejoin`).
 
-        Why: a data dir left from another cluster (the same paths and node ids, a config of
-        the new cluster) holds that cluster's term and log; it could win an election in the
-        new one and overwrite its committed entries, or hand it the old one's payments."""
+        Why: a node of another cluster (an old cluster's node started again, with its own dir
+        and config, on ports this cluster now uses) holds that cluster's term and log; it
+        could win an election here and overwrite what this cluster committed.  A dir of
+        another cluster under this cluster's config is refused before that (`claim_data_dir`)."""
         transport = self.rp_transport
         own = NO_CLUSTER if transport is None else transport.rp_cluster
         if cluster == own or cluster == NO_CLUSTER:
