@@ -902,11 +902,17 @@ class _RaftpayJournal(FileJournal):
 
 #: First byte of every frame between raftpay nodes (`_RaftpayConnection`): which framing
 #: follows.  Then the sender's cluster (`cluster_id`, 8 bytes), then:
-_FRAME_PLAIN = b"P"  # pickle, no secret configured (loopback only, enforced by the config)
-_FRAME_SEALED = b"S"  # seq (8 bytes) | nonce (12) | AES-GCM(pickle), authenticated with the head
+_FRAME_PLAIN = b"p"  # pickle, no secret configured (loopback only, enforced by the config)
+_FRAME_SEALED = b"s"  # seq (8 bytes) | nonce (12) | AES-GCM(pickle), authenticated with the head
+#: The framing's first bytes before the cluster id (2026-12-04): "P" and "S", the same without
+#: it.  Told apart so that a rolling upgrade's logs say what is going on.
+_FRAME_BEFORE_CLUSTER_IDS = b"PS"
+_OLDER_PEER = ("a frame of a raftpay from before cluster ids (2026-12-04): upgrade that node; "
+               "until then they cannot talk (README, 'A node that lost its data')")
 #: The cluster a node stamps while it has none: a node rejoining with an empty dir.
 NO_CLUSTER = bytes(8)
-_FRAME_TYPES = frozenset(_FRAME_PLAIN + _FRAME_SEALED)  # as the ints a bytearray holds
+#: What may follow a frame's length (as the ints a bytearray holds).
+_FRAME_TYPES = frozenset(_FRAME_PLAIN + _FRAME_SEALED + _FRAME_BEFORE_CLUSTER_IDS)
 #: Key derivation for the cluster secret; a salt of our own, so the key is not upstream's.
 _SEAL_SALT = b"raftpay/raft-transport/aes-gcm/v1"
 #: A peer whose frames this node cannot open, or that closes our connections unanswered, is
@@ -1169,6 +1175,8 @@ class _RaftpayConnection(TcpConnection):
         self.rp_rpos = pos
         cluster = data[1:9]
         try:
+            if data[:1] in _FRAME_BEFORE_CLUSTER_IDS:
+                raise ValueError(_OLDER_PEER)
             refusal = self._rp_cluster_refusal(cluster)
             if refusal:
                 raise ValueError(refusal)
@@ -1303,9 +1311,9 @@ class _RaftpayTransport(TCPTransport):
             self.rp_complain(("silent", node), (
                 f"the peer at {node.address} closed {n} Raft connections in a row before "
                 f"answering on any: a node does that when it cannot open our frames, or "
-                f"will not (check that it has the same [cluster] secret as this node, and "
-                f"that this node's data dir was made for its cluster: cluster "
-                f"{self.rp_cluster.hex()})"))
+                f"will not (check that it has the same [cluster] secret as this node, runs a "
+                f"raftpay from after 2026-12-04 (frames with cluster ids), and that this "
+                f"node's data dir was made for its cluster: cluster {self.rp_cluster.hex()})"))
 
     def rp_begin_acks(self) -> None:
         if self.rp_acks is None:

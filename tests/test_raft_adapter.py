@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import socket
 import time
 
@@ -950,6 +951,9 @@ def test_what_is_no_raft_frame_is_refused_before_its_body_arrives(caplog):
     client_frame = wire.encode("status", 1, {})
     for frame, why in ((client_frame, "not a raftpay Raft frame: a raftpay client (or another "
                                       "program) on the Raft port?"),
+                       (rn._I32.pack(10) + b"P" + pickle.dumps("127.0.0.1:7001"),
+                        "a frame of a raftpay from before cluster ids (2026-12-04): upgrade "
+                        "that node"),
                        (rn._I32.pack(-5), "a frame of -5 bytes announced"),
                        (rn._I32.pack(0), "a frame of 0 bytes announced")):
         caplog.clear()
