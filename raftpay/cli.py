@@ -147,14 +147,16 @@ def node_init(config_path: str, rejoin: bool) -> None:
                    "this cluster has none (a one-node cluster that lost its data starts anew "
                    "with `raftpay node init`)", err=True)
         sys.exit(EXIT_USAGE)
+    cluster = None if rejoin else _cluster_id(cfg)
     try:
-        init_data_dir(cfg.node.data_dir, cfg.node.id, None if rejoin else _cluster_id(cfg),
+        init_data_dir(cfg.node.data_dir, cfg.node.id, cluster,
                       sync=cfg.raft.fsync == "always", rejoin=rejoin)
     except (FatalNodeError, OSError) as e:
         click.echo(f"refusing to initialize: {e}", err=True)
         sys.exit(EXIT_REFUSED)
-    how = (" to rejoin: it votes again once it holds what the cluster committed"
-           if rejoin else "")
+    how = (" to rejoin: it votes again once it holds what the cluster committed, and takes "
+           "its peers' cluster id" if rejoin else f" in cluster {cfg.cluster.name!r} (id "
+           f"{cluster})")
     click.echo(f"data dir {cfg.node.data_dir} is node {cfg.node.id}'s{how}; start it with "
                f"`raftpay node start --config {config_path}`")
 

@@ -328,8 +328,11 @@ def test_what_the_machine_refuses_at_start_is_said_in_one_line(cluster, tmp_path
         path = tmp_path / f"{name}.toml"
         path.write_text(dump_toml(other))
         if name == "port":  # a new node's dir, made as an operator makes it
-            subprocess.run([sys.executable, "-m", "raftpay", "node", "init", "--config",
-                            str(path)], check=True, capture_output=True, timeout=60)
+            r = subprocess.run([sys.executable, "-m", "raftpay", "node", "init", "--config",
+                                str(path)], capture_output=True, text=True, timeout=60)
+            made = rn_cluster_id(cfg.cluster.name, [p.id for p in cfg.cluster.peers])
+            assert r.returncode == 0 and (f"is node {cfg.node.id}'s in cluster "
+                                          f"{cfg.cluster.name!r} (id {made})") in r.stdout, r
         r = subprocess.run([sys.executable, "-m", "raftpay", "node", "start", "--config",
                             str(path)], capture_output=True, text=True, timeout=60)
         assert r.returncode == 1, (name, r.stderr)
