@@ -263,6 +263,13 @@ NOT_INITIALIZED = (
     "and could help elect a leader without them (acknowledged payments lost). Make its dir "
     "with `raftpay node init --rejoin --config ...`: it then votes only once it holds what the "
     "cluster committed. See README, 'A node that lost its data'")
+#: The same in zk-election mode, which has no --rejoin.
+NOT_INITIALIZED_ZK = (
+    "data dir {data_dir} holds no node: a new node's dir is made once with `raftpay node init "
+    "--config ...`. If this node had data and lost it (a new disk, a wiped dir), zk-election "
+    "mode has no --rejoin: made anew, with quorum \"all\" it does not count as holding what "
+    "the in-sync set committed (it waits for a member with a log); with quorum \"majority\" "
+    "start it only while the other nodes serve. See README, 'A node that lost its data'")
 
 
 def claim_data_dir(data_dir: str, node_id: str, cluster: str, sync: bool = True,
@@ -296,7 +303,8 @@ def claim_data_dir(data_dir: str, node_id: str, cluster: str, sync: bool = True,
         owner = None if info is None else info["node"]
         if owner is None:
             if not create and not _node_files(data_dir):
-                raise FatalNodeError(NOT_INITIALIZED.format(data_dir=data_dir))
+                raise FatalNodeError((NOT_INITIALIZED if mode == "raft" else
+                                      NOT_INITIALIZED_ZK).format(data_dir=data_dir))
             info = {"node": node_id, "cluster": cluster}
             write_node_file(data_dir, node_id, sync, cluster=cluster)
         elif owner != node_id:

@@ -429,3 +429,40 @@ def test_follower_crash_costs_all_a_lag_timeout_and_majority_nothing(
         converged_hashes(c, 30)
     finally:
         c.close()
+
+
+def test_a_node_that_lost_its_data_does_not_lead_with_an_empty_log(zk_standalone, tmp_path):  # noqa: F811
+    """quorum "all": the in-sync set in ZooKeeper outlives the nodes.  n1's disk is wiped while
+    the cluster is down, and an operator makes its dir anew (`node init`).  Started alone, n1
+    found itself in the stored ISR, took that for holding every committed batch, and served
+    an empty ledger; it now counts its own membership only with a log, so it waits for a member
+    that has one, and with n2 back every account is there."""
+    import shutil
+    c = zk_cluster(tmp_path, zk_standalone, "zkb-wiped")
+    try:
+        c.start()
+        wait_full_isr(c)
+        with Client(c.seeds) as cl:
+            assert cl.create_accounts([{"id": "kept", "currency": 840}]) == [Code.OK]
+        c.stop()
+        n1 = c.configs[0]
+        shutil.rmtree(n1.node.data_dir)
+        r = subprocess.run([sys.executable, "-m", "raftpay", "node", "start", "--config",
+                            c.paths[0]], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and "holds no node" in r.stderr \
+            and "zk-election mode has no --rejoin" in r.stderr, r.stderr
+        r = subprocess.run([sys.executable, "-m", "raftpay", "node", "init", "--config",
+                            c.paths[0]], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        c.start("n1")
+        deadline = time.monotonic() + 4 * SESSION_MS / 1000  # past the sync grace period
+        while time.monotonic() < deadline:
+            assert (status_of(c, "n1") or {}).get("role") != "leader"
+            time.sleep(0.1)
+        c.start("n2")
+        primary_id(c)
+        with Client(",".join(addr_of(c)[i] for i in ("n1", "n2"))) as cl:
+            (kept,) = cl.lookup_accounts(["kept"])
+            assert kept is not None and kept["currency"] == 840
+    finally:
+        c.close()
