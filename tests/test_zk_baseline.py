@@ -466,3 +466,47 @@ def test_a_node_that_lost_its_data_does_not_lead_with_an_empty_log(zk_standalone
             assert kept is not None and kept["currency"] == 840
     finally:
         c.close()
+
+
+def test_a_member_that_lost_its_data_does_not_vouch_for_a_new_primary(zk_standalone, tmp_path):  # noqa: F811
+    """quorum "all", the other side of the test above: n_behind misses a commit (it was down and
+    left the in-sync set); then, with the cluster stopped, the in-sync n_wiped loses its disk and
+    is made anew.  Started together, n_behind (first in the election) heard from an in-sync
+    member and took that for having heard every committed batch: it led without the account.
+    A member's word counts only with a log, so it waits, and once the primary that holds the
+    batch is back, every node has the account."""
+    import shutil
+    c = zk_cluster(tmp_path, zk_standalone, "zkb-vouch")
+    try:
+        c.start()
+        wait_full_isr(c)
+        primary = primary_id(c)
+        behind, wiped = [i for i in ("n1", "n2", "n3") if i != primary]
+        c.kill(behind)
+        with Client(",".join(addr_of(c)[i] for i in (primary, wiped))) as cl:
+            assert cl.create_accounts([{"id": "kept", "currency": 840}]) == [Code.OK]
+        assert wait_until(lambda: (status_of(c, primary) or {}).get("isr")
+                          == sorted([primary, wiped]), 15, "the ISR without the lagging node")
+        c.stop()
+        cfg = next(x for x in c.configs if x.node.id == wiped)
+        shutil.rmtree(cfg.node.data_dir)
+        r = subprocess.run([sys.executable, "-m", "raftpay", "node", "init", "--config",
+                            c.paths[c.configs.index(cfg)]], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0, r.stderr
+        c.start(behind)
+        wait_until(lambda: status_of(c, behind) is not None, 15, "the lagging node up")
+        c.start(wiped)
+        deadline = time.monotonic() + 4 * SESSION_MS / 1000  # past the sync grace period
+        while time.monotonic() < deadline:
+            for i in (behind, wiped):
+                assert (status_of(c, i) or {}).get("role") != "leader", i
+            time.sleep(0.1)
+        c.start(primary)
+        primary_id(c)
+        for i in (behind, wiped, primary):
+            with Client(addr_of(c)[i]) as cl:
+                (kept,) = cl.lookup_accounts(["kept"])
+                assert kept is not None and kept["currency"] == 840, i
+    finally:
+        c.close()

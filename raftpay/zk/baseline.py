@@ -628,11 +628,11 @@ class _Primary:
                     continue
                 # Any ISR member holds every committed batch; hearing from one (or being one)
                 # is enough, and its promise fences the old primary, which needs it to commit.
-                # Being one counts only with a log: the ISR outlives the nodes, and a member
-                # whose data was lost (its dir made anew) is listed still, holding nothing
-                # (every ISR member holds at least its primary's barrier batch).
+                # Being one, or hearing from one, counts only with a log: the ISR outlives the
+                # nodes, and a member whose data was lost (its dir made anew) is listed still,
+                # holding nothing (every ISR member holds at least its primary's barrier batch).
                 ready = (isr is None or (me in isr and node.last_seq > 0)
-                         or any(pid in isr for pid in reports))
+                         or any(pid in isr and rep[1] > 0 for pid, rep in reports.items()))
                 # Give the other live members a moment to report too, so the new ISR starts
                 # with everyone who is already up to date rather than with us alone.
                 everyone = set(reports) >= (node._members & set(self.links))
