@@ -137,10 +137,6 @@ def node_init(config_path: str, rejoin: bool) -> None:
     dir already belongs to a node or holds a node's files."""
     from .node import FatalNodeError, init_data_dir
     cfg = _load_or_exit(config_path, "initialize")
-    if rejoin and cfg.node.mode != "raft":
-        click.echo(f"refusing to initialize: --rejoin is for raft mode, not {cfg.node.mode}",
-                   err=True)
-        sys.exit(EXIT_USAGE)
     if rejoin and len(cfg.cluster.peers) == 1:
         # It would wait for ever for a leader to catch up from; there is nobody to ask.
         click.echo("refusing to initialize: --rejoin catches up from the other nodes, and "

@@ -263,13 +263,14 @@ NOT_INITIALIZED = (
     "and could help elect a leader without them (acknowledged payments lost). Make its dir "
     "with `raftpay node init --rejoin --config ...`: it then votes only once it holds what the "
     "cluster committed. See README, 'A node that lost its data'")
-#: The same in zk-election mode, which has no --rejoin.
+#: The same in zk-election mode.
 NOT_INITIALIZED_ZK = (
     "data dir {data_dir} holds no node: a new node's dir is made once with `raftpay node init "
-    "--config ...`. If this node had data and lost it (a new disk, a wiped dir), zk-election "
-    "mode has no --rejoin: made anew, with quorum \"all\" it does not count as holding what "
-    "the in-sync set committed (it waits for a member with a log); with quorum \"majority\" "
-    "start it only while the other nodes serve. See README, 'A node that lost its data'")
+    "--config ...`. If this node had data and lost it (a new disk, a wiped dir), it must not "
+    "come back as a new node: counted in a new primary's quorum, it could let one lead without "
+    "committed batches. Make its dir with `raftpay node init --rejoin --config ...`: it then "
+    "neither stands for primary nor counts until it holds what was committed. See README, "
+    "'A node that lost its data'")
 
 
 def claim_data_dir(data_dir: str, node_id: str, cluster: str, sync: bool = True,

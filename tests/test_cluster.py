@@ -557,16 +557,13 @@ def test_a_node_of_another_cluster_is_refused_and_status_names_both(tmp_path):
 
 
 def test_node_init_refuses_what_it_cannot_do(tmp_path):
-    """`--rejoin` with nobody to catch up from (a one-node cluster would wait for ever) or in
-    zk-election mode, and a config that does not load: a usage error, nothing made."""
-    from raftpay.config import ZkConfig, dump_toml, make_local_cluster
+    """`--rejoin` with nobody to catch up from (a one-node cluster would wait for ever), and a
+    config that does not load: a usage error, nothing made."""
+    from raftpay.config import dump_toml, make_local_cluster
     one = make_local_cluster(1, 0, tmp_path / "one", ports=[(1, 2)])[0]
-    zk = make_local_cluster(3, 0, tmp_path / "zk", ports=[(1, 2), (3, 4), (5, 6)],
-                            mode="zk-election", zk=ZkConfig(hosts="127.0.0.1:2181"))[0]
     (tmp_path / "bad.toml").write_text("[node\n")
     for cfg, path, args, words in (
             (one, tmp_path / "one.toml", ["--rejoin"], "this cluster has none"),
-            (zk, tmp_path / "zk.toml", ["--rejoin"], "--rejoin is for raft mode"),
             (None, tmp_path / "bad.toml", [], "refusing to initialize: ")):
         if cfg is not None:
             path.write_text(dump_toml(cfg))

@@ -450,7 +450,7 @@ def test_a_node_that_lost_its_data_does_not_lead_with_an_empty_log(zk_standalone
         r = subprocess.run([sys.executable, "-m", "raftpay", "node", "start", "--config",
                             c.paths[0]], capture_output=True, text=True, timeout=60)
         assert r.returncode == 1 and "holds no node" in r.stderr \
-            and "zk-election mode has no --rejoin" in r.stderr, r.stderr
+            and "raftpay node init --rejoin --config" in r.stderr, r.stderr
         r = subprocess.run([sys.executable, "-m", "raftpay", "node", "init", "--config",
                             c.paths[0]], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
@@ -508,5 +508,54 @@ def test_a_member_that_lost_its_data_does_not_vouch_for_a_new_primary(zk_standal
             with Client(addr_of(c)[i]) as cl:
                 (kept,) = cl.lookup_accounts(["kept"])
                 assert kept is not None and kept["currency"] == 840, i
+    finally:
+        c.close()
+
+
+def test_a_node_that_lost_its_data_rejoins_without_counting_until_it_caught_up(
+        zk_standalone, tmp_path):  # noqa: F811
+    """quorum "majority": a batch committed by the primary and n_wiped while n_behind was down;
+    with the cluster stopped, n_wiped loses its disk and comes back with `node init --rejoin`.
+    Counted, its empty report would let n_behind lead without the batch (1 + 1 of 3).  It
+    neither stands nor counts until it holds what was committed: n_behind and it elect nobody,
+    and once the old primary is back, every node has the account and the mark is gone."""
+    import json
+    import shutil
+    c = zk_cluster(tmp_path, zk_standalone, "zkb-rejoin", quorum="majority")
+    try:
+        c.start()
+        primary = primary_id(c)
+        behind, wiped = [i for i in ("n1", "n2", "n3") if i != primary]
+        c.kill(behind)
+        with Client(",".join(addr_of(c)[i] for i in (primary, wiped))) as cl:
+            assert cl.create_accounts([{"id": "kept", "currency": 840}]) == [Code.OK]
+        c.stop()
+        cfg = next(x for x in c.configs if x.node.id == wiped)
+        shutil.rmtree(cfg.node.data_dir)
+        r = subprocess.run([sys.executable, "-m", "raftpay", "node", "init", "--rejoin",
+                            "--config", c.paths[c.configs.index(cfg)]], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 0 and "to rejoin" in r.stdout, r.stderr
+        c.start(behind)
+        wait_until(lambda: status_of(c, behind) is not None, 15, "the lagging node up")
+        c.start(wiped)
+        wait_until(lambda: (status_of(c, wiped) or {}).get("rejoining"), 15, "rejoining")
+        deadline = time.monotonic() + 4 * SESSION_MS / 1000  # past the sync grace period
+        while time.monotonic() < deadline:
+            for i in (behind, wiped):
+                assert (status_of(c, i) or {}).get("role") != "leader", i
+            time.sleep(0.1)
+        c.start(primary)
+        primary_id(c)
+        wait_until(lambda: (status_of(c, wiped) or {}).get("rejoining") is False, 20,
+                   "the rejoining node to catch up")
+        node_file = json.loads(open(os.path.join(cfg.node.data_dir, "NODE")).read())
+        assert node_file == {"node": wiped, "cluster": node_file["cluster"]}
+        for i in (behind, wiped, primary):
+            def held(i=i):
+                with Client(addr_of(c)[i]) as cl:
+                    return cl.lookup_accounts(["kept"], consistency="follower",
+                                              min_version=1)[0]
+            assert wait_until(held, 15, f"{i} to hold the account")["currency"] == 840
     finally:
         c.close()

@@ -79,7 +79,7 @@ from kazoo.protocol.states import KazooState
 from raftpay import wire
 from raftpay.codes import Code, ProtocolError
 from raftpay.config import parse_addr
-from raftpay.node import PeerComplaints, claim_data_dir, cluster_id
+from raftpay.node import PeerComplaints, claim_data_dir, cluster_id, write_node_file
 from raftpay.zk.mirror import ZkMirror, _close_client, cluster_path, make_client
 
 log = logging.getLogger(__name__)
@@ -405,6 +405,7 @@ class _Link:
         self.addr = addr
         self.acked = 0
         self.report: tuple[int, int, int] | None = None  # (last epoch, last seq, commit)
+        self.rejoining = False  # its report does not count (`ZkNode._rejoining`)
         self.matched = False
         self.connected = False
         self.chan: _Channel | None = None
@@ -462,6 +463,7 @@ class _Link:
         if reply.get("t") != "welcome":
             raise ProtocolError(f"unexpected hello reply {reply!r}")
         self.report = (reply["last_epoch"], reply["last_seq"], reply["commit"])
+        self.rejoining = reply.get("rejoining") is True
         pr.report_signal.fire()
         # While the primary syncs it may use this channel to fetch batches; we wait.
         await pr.synced.wait()
@@ -616,9 +618,11 @@ class _Primary:
         while not self.deposed.is_set():
             changed = self.report_signal.wait()
             reports = {pid: l.report for pid, l in self.links.items() if l.report is not None}
+            # A node that lost its data and rejoins holds nothing it can vouch for.
+            counted = {pid: rep for pid, rep in reports.items() if not self.links[pid].rejoining}
             ready, isr, version = False, None, -1
             if node.quorum == "majority":
-                ready = 1 + len(reports) >= node.majority
+                ready = 1 + len(counted) >= node.majority
             else:
                 try:
                     isr, version = await node._read_isr()
@@ -632,7 +636,7 @@ class _Primary:
                 # nodes, and a member whose data was lost (its dir made anew) is listed still,
                 # holding nothing (every ISR member holds at least its primary's barrier batch).
                 ready = (isr is None or (me in isr and node.last_seq > 0)
-                         or any(pid in isr and rep[1] > 0 for pid, rep in reports.items()))
+                         or any(pid in isr and rep[1] > 0 for pid, rep in counted.items()))
                 # Give the other live members a moment to report too, so the new ISR starts
                 # with everyone who is already up to date rather than with us alone.
                 everyone = set(reports) >= (node._members & set(self.links))
@@ -913,6 +917,11 @@ class ZkNode:
         self._leader_id: str | None = None
         self._leader_chan: _Channel | None = None
         self._follow_epoch = 0
+        #: A node that lost its data (`raftpay node init --rejoin`): it does not stand for
+        #: primary, and no primary counts its report, until it holds what was committed
+        #: (`_advance_commit`).  Its cluster id for the NODE file it then rewrites.
+        self._rejoining = False
+        self._cluster_id = cluster_id(cluster, [node_id, *peers])
         self._matched = 0  # follower: batches up to here equal the current primary's
         self._primary: _Primary | None = None
         self._members: set[str] = set()
@@ -962,9 +971,10 @@ class ZkNode:
         os.makedirs(self.data_dir, exist_ok=True)
         # Before the log is opened: two nodes appending to one log would interleave batches,
         # and another node's log holds epochs it promised, not ours.
-        self._dir_lock, _ = claim_data_dir(
-            self.data_dir, self.node_id, cluster_id(self._cluster, [self.node_id, *self.peers]),
-            self._logfile.fsync, create=self._new_data_dir, mode="zk-election")
+        self._dir_lock, owner = claim_data_dir(
+            self.data_dir, self.node_id, self._cluster_id, self._logfile.fsync,
+            create=self._new_data_dir, mode="zk-election")
+        self._rejoining = bool(owner.get("rejoin"))
         try:
             self._replay_and_bind()
         except BaseException:
@@ -1164,7 +1174,8 @@ class ZkNode:
               "quorum": self.quorum, "fsync": self.fsync, "zk_state": self._zk_state,
               "running": self._started and not self._stopping,
               "fatal": None if self._fatal is None else repr(self._fatal),
-              "log_syncs": self._logfile.syncs, "ready": self._leader_id is not None}
+              "log_syncs": self._logfile.syncs, "ready": self._leader_id is not None,
+              "rejoining": self._rejoining}
         st.update(self._stats)
         st.update(self._peer_view)
         return st
@@ -1265,6 +1276,24 @@ class ZkNode:
         if mark:
             self._logfile.write([["C", commit]], sync=False)
         self._apply_to(commit)
+        if self._rejoining and self.epoch_at(commit) == self._follow_epoch:
+            self._end_rejoin()
+
+    def _end_rejoin(self) -> None:
+        """A batch of the current primary's epoch is committed here: the primary's barrier,
+        committed after it fetched everything committed before, and our log matches its up
+        to there.  So we hold what was committed: stand and count again (Raft mode's rule,
+        `Node._end_rejoin`).  The NODE file loses its mark first."""
+        try:
+            write_node_file(self.data_dir, self.node_id, self._logfile.fsync,
+                            cluster=self._cluster_id)
+        except OSError as e:
+            log.warning("%s: caught up after rejoining, but cannot rewrite the NODE file (%s); "
+                        "still not standing, will try again", self.node_id, e)
+            return
+        self._rejoining = False
+        log.info("%s: caught up after rejoining (commit %d, epoch %d): stands and counts again",
+                 self.node_id, self._commit, self._follow_epoch)
 
     def _apply_to(self, target: int) -> None:
         pr = self._primary
@@ -1366,7 +1395,8 @@ class ZkNode:
         if kind == "hello":
             self._leader_id, self._leader_chan = chan.peer_id, chan
             return {"t": "welcome", "last_epoch": self.epoch_at(len(self._log)),
-                    "last_seq": len(self._log), "commit": self._commit}
+                    "last_seq": len(self._log), "commit": self._commit,
+                    "rejoining": self._rejoining}
         if kind == "append":
             return self._on_append(m)
         if kind == "commit":
@@ -1539,6 +1569,9 @@ class ZkNode:
         while not self._stopping:
             if self._zk_state != KazooState.CONNECTED or self._fatal is not None:
                 await _first(self._zk_signal.wait(), timeout_s=1.0)
+                continue
+            if self._rejoining:  # it may not stand yet
+                await asyncio.sleep(0.1)
                 continue
             try:
                 znode = await self._ensure_candidate()
