@@ -468,6 +468,51 @@ def test_a_node_that_lost_its_data_does_not_lead_with_an_empty_log(zk_standalone
         c.close()
 
 
+def _lagging_and_wiped(c, rejoin: bool):
+    """The primary commits an account while n_behind is down; with the cluster stopped,
+    n_wiped loses its disk and is made anew (`node init`, with `--rejoin` or not).  Starts
+    n_behind, then n_wiped, and checks that neither leads for several sessions (past the sync
+    grace period); returns (primary, behind, wiped, wiped's config)."""
+    import shutil
+    c.start()
+    if c.configs[0].zk.quorum == "all":
+        wait_full_isr(c)
+    primary = primary_id(c)
+    behind, wiped = [i for i in ("n1", "n2", "n3") if i != primary]
+    c.kill(behind)
+    with Client(",".join(addr_of(c)[i] for i in (primary, wiped))) as cl:
+        assert cl.create_accounts([{"id": "kept", "currency": 840}]) == [Code.OK]
+    if c.configs[0].zk.quorum == "all":
+        assert wait_until(lambda: (status_of(c, primary) or {}).get("isr")
+                          == sorted([primary, wiped]), 15, "the ISR without the lagging node")
+    c.stop()
+    cfg = next(x for x in c.configs if x.node.id == wiped)
+    shutil.rmtree(cfg.node.data_dir)
+    r = subprocess.run([sys.executable, "-m", "raftpay", "node", "init",
+                        *(["--rejoin"] if rejoin else []), "--config",
+                        c.paths[c.configs.index(cfg)]], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and ("to rejoin" in r.stdout) == rejoin, r
+    c.start(behind)
+    wait_until(lambda: status_of(c, behind) is not None, 15, "the lagging node up")
+    c.start(wiped)
+    wait_until(lambda: (status_of(c, wiped) or {}).get("rejoining") == rejoin, 15, "n_wiped up")
+    deadline = time.monotonic() + 4 * SESSION_MS / 1000
+    while time.monotonic() < deadline:
+        for i in (behind, wiped):
+            assert (status_of(c, i) or {}).get("role") != "leader", i
+        time.sleep(0.1)
+    return primary, behind, wiped, cfg
+
+
+def _everyone_holds_the_account(c) -> None:
+    for i in addr_of(c):
+        def held(i=i):
+            with Client(addr_of(c)[i]) as cl:
+                return cl.lookup_accounts(["kept"], consistency="follower", min_version=1)[0]
+        assert wait_until(held, 15, f"{i} to hold the account")["currency"] == 840
+
+
 def test_a_member_that_lost_its_data_does_not_vouch_for_a_new_primary(zk_standalone, tmp_path):  # noqa: F811
     """quorum "all", the other side of the test above: n_behind misses a commit (it was down and
     left the in-sync set); then, with the cluster stopped, the in-sync n_wiped loses its disk and
@@ -475,39 +520,12 @@ def test_a_member_that_lost_its_data_does_not_vouch_for_a_new_primary(zk_standal
     member and took that for having heard every committed batch: it led without the account.
     A member's word counts only with a log, so it waits, and once the primary that holds the
     batch is back, every node has the account."""
-    import shutil
     c = zk_cluster(tmp_path, zk_standalone, "zkb-vouch")
     try:
-        c.start()
-        wait_full_isr(c)
-        primary = primary_id(c)
-        behind, wiped = [i for i in ("n1", "n2", "n3") if i != primary]
-        c.kill(behind)
-        with Client(",".join(addr_of(c)[i] for i in (primary, wiped))) as cl:
-            assert cl.create_accounts([{"id": "kept", "currency": 840}]) == [Code.OK]
-        assert wait_until(lambda: (status_of(c, primary) or {}).get("isr")
-                          == sorted([primary, wiped]), 15, "the ISR without the lagging node")
-        c.stop()
-        cfg = next(x for x in c.configs if x.node.id == wiped)
-        shutil.rmtree(cfg.node.data_dir)
-        r = subprocess.run([sys.executable, "-m", "raftpay", "node", "init", "--config",
-                            c.paths[c.configs.index(cfg)]], capture_output=True, text=True,
-                           timeout=60)
-        assert r.returncode == 0, r.stderr
-        c.start(behind)
-        wait_until(lambda: status_of(c, behind) is not None, 15, "the lagging node up")
-        c.start(wiped)
-        deadline = time.monotonic() + 4 * SESSION_MS / 1000  # past the sync grace period
-        while time.monotonic() < deadline:
-            for i in (behind, wiped):
-                assert (status_of(c, i) or {}).get("role") != "leader", i
-            time.sleep(0.1)
+        primary, _, _, _ = _lagging_and_wiped(c, rejoin=False)
         c.start(primary)
         primary_id(c)
-        for i in (behind, wiped, primary):
-            with Client(addr_of(c)[i]) as cl:
-                (kept,) = cl.lookup_accounts(["kept"])
-                assert kept is not None and kept["currency"] == 840, i
+        _everyone_holds_the_account(c)
     finally:
         c.close()
 
@@ -520,42 +538,15 @@ def test_a_node_that_lost_its_data_rejoins_without_counting_until_it_caught_up(
     neither stands nor counts until it holds what was committed: n_behind and it elect nobody,
     and once the old primary is back, every node has the account and the mark is gone."""
     import json
-    import shutil
     c = zk_cluster(tmp_path, zk_standalone, "zkb-rejoin", quorum="majority")
     try:
-        c.start()
-        primary = primary_id(c)
-        behind, wiped = [i for i in ("n1", "n2", "n3") if i != primary]
-        c.kill(behind)
-        with Client(",".join(addr_of(c)[i] for i in (primary, wiped))) as cl:
-            assert cl.create_accounts([{"id": "kept", "currency": 840}]) == [Code.OK]
-        c.stop()
-        cfg = next(x for x in c.configs if x.node.id == wiped)
-        shutil.rmtree(cfg.node.data_dir)
-        r = subprocess.run([sys.executable, "-m", "raftpay", "node", "init", "--rejoin",
-                            "--config", c.paths[c.configs.index(cfg)]], capture_output=True,
-                           text=True, timeout=60)
-        assert r.returncode == 0 and "to rejoin" in r.stdout, r.stderr
-        c.start(behind)
-        wait_until(lambda: status_of(c, behind) is not None, 15, "the lagging node up")
-        c.start(wiped)
-        wait_until(lambda: (status_of(c, wiped) or {}).get("rejoining"), 15, "rejoining")
-        deadline = time.monotonic() + 4 * SESSION_MS / 1000  # past the sync grace period
-        while time.monotonic() < deadline:
-            for i in (behind, wiped):
-                assert (status_of(c, i) or {}).get("role") != "leader", i
-            time.sleep(0.1)
+        primary, _, wiped, cfg = _lagging_and_wiped(c, rejoin=True)
         c.start(primary)
         primary_id(c)
         wait_until(lambda: (status_of(c, wiped) or {}).get("rejoining") is False, 20,
                    "the rejoining node to catch up")
         node_file = json.loads(open(os.path.join(cfg.node.data_dir, "NODE")).read())
         assert node_file == {"node": wiped, "cluster": node_file["cluster"]}
-        for i in (behind, wiped, primary):
-            def held(i=i):
-                with Client(addr_of(c)[i]) as cl:
-                    return cl.lookup_accounts(["kept"], consistency="follower",
-                                              min_version=1)[0]
-            assert wait_until(held, 15, f"{i} to hold the account")["currency"] == 840
+        _everyone_holds_the_account(c)
     finally:
         c.close()
