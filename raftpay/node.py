@@ -228,6 +228,19 @@ def write_node_file(data_dir: str, node_id: str, sync: bool, rejoin: bool = Fals
     _replace_file(os.path.join(data_dir, NODE_FILE), json.dumps(body).encode() + b"\n", sync)
 
 
+def clear_rejoin_mark(data_dir: str, node_id: str, sync: bool, cluster: str | None) -> bool:
+    """A rejoining node caught up: rewrite its NODE file without the mark (naming `cluster`),
+    before it votes or stands again, so a restart does not rejoin again for nothing.  False,
+    with a warning, if the file cannot be written: the node stays rejoining and tries again."""
+    try:
+        write_node_file(data_dir, node_id, sync, cluster=cluster)
+    except OSError as e:
+        log.warning("%s: caught up after rejoining, but cannot rewrite %s (%s); still "
+                    "rejoining, will try again", node_id, NODE_FILE, e)
+        return False
+    return True
+
+
 def read_node_file(data_dir: str) -> dict | None:
     """The dir's NODE file ({"node": id, "cluster"?: id, "rejoin"?: true}), None without one;
     FatalNodeError if it does not name a node."""
@@ -255,22 +268,22 @@ def _is_cluster_id(value) -> bool:
             and all(c in "0123456789abcdef" for c in value))
 
 
-#: Why `node start` refuses a data dir nobody initialized (`claim_data_dir(create=False)`).
+#: Why `node start` refuses a data dir nobody initialized (`claim_data_dir(create=False)`);
+#: `{risk}` and `{then}` by mode (`_NOT_INITIALIZED_BY_MODE`).
 NOT_INITIALIZED = (
     "data dir {data_dir} holds no node: a new node's dir is made once with `raftpay node init "
     "--config ...`. If this node had data and lost it (a new disk, a wiped dir), it must not "
-    "rejoin as a new node: it would have forgotten its vote and the entries it acknowledged, "
-    "and could help elect a leader without them (acknowledged payments lost). Make its dir "
-    "with `raftpay node init --rejoin --config ...`: it then votes only once it holds what the "
-    "cluster committed. See README, 'A node that lost its data'")
-#: The same in zk-election mode.
-NOT_INITIALIZED_ZK = (
-    "data dir {data_dir} holds no node: a new node's dir is made once with `raftpay node init "
-    "--config ...`. If this node had data and lost it (a new disk, a wiped dir), it must not "
-    "come back as a new node: counted in a new primary's quorum, it could let one lead without "
-    "committed batches. Make its dir with `raftpay node init --rejoin --config ...`: it then "
-    "neither stands for primary nor counts until it holds what was committed. See README, "
-    "'A node that lost its data'")
+    "come back as a new node: {risk}. Make its dir with `raftpay node init --rejoin --config "
+    "...`: it then {then} until it holds what was committed. See README, 'A node that lost "
+    "its data'")
+_NOT_INITIALIZED_BY_MODE = {
+    "raft": {"risk": "it would have forgotten its vote and the entries it acknowledged, and "
+                     "could help elect a leader without them (acknowledged payments lost)",
+             "then": "does not vote"},
+    "zk-election": {"risk": "counted in a new primary's quorum, it could let one lead without "
+                            "committed batches",
+                    "then": "neither stands for primary nor counts"},
+}
 
 
 def claim_data_dir(data_dir: str, node_id: str, cluster: str, sync: bool = True,
@@ -293,8 +306,9 @@ def claim_data_dir(data_dir: str, node_id: str, cluster: str, sync: bool = True,
     (the fsync policy "never") leaves the file to the page cache.  Blocks on file I/O."""
     fd = lock_data_dir(data_dir)
     try:
+        files = _node_files(data_dir)
         own = STATE_FILE_PREFIXES[0 if mode == "raft" else 1]
-        others = [n for n in _node_files(data_dir) if not n.startswith(own)]
+        others = [n for n in files if not n.startswith(own)]
         if others:
             raise FatalNodeError(
                 f"data dir {data_dir} holds another mode's files ({', '.join(others[:3])}), and "
@@ -303,9 +317,9 @@ def claim_data_dir(data_dir: str, node_id: str, cluster: str, sync: bool = True,
         info = read_node_file(data_dir)
         owner = None if info is None else info["node"]
         if owner is None:
-            if not create and not _node_files(data_dir):
-                raise FatalNodeError((NOT_INITIALIZED if mode == "raft" else
-                                      NOT_INITIALIZED_ZK).format(data_dir=data_dir))
+            if not create and not files:
+                raise FatalNodeError(NOT_INITIALIZED.format(data_dir=data_dir,
+                                                            **_NOT_INITIALIZED_BY_MODE[mode]))
             info = {"node": node_id, "cluster": cluster}
             write_node_file(data_dir, node_id, sync, cluster=cluster)
         elif owner != node_id:
@@ -3036,12 +3050,8 @@ class Node:
         leader's log did, and ours matches it up to there): it may vote and stand again.  The
         NODE file loses its mark first, so a restart does not abstain again for nothing, and
         names the cluster the node took from its peers."""
-        try:
-            write_node_file(self.data_dir, self.node_id, self.fsync == "always",
-                            cluster=so.rp_cluster())
-        except OSError as e:
-            log.warning("%s: caught up after rejoining, but cannot rewrite %s (%s); still not "
-                        "voting, will try again", self.node_id, NODE_FILE, e)
+        if not clear_rejoin_mark(self.data_dir, self.node_id, self.fsync == "always",
+                                 so.rp_cluster()):
             return
         so.rp_abstain = False
         log.info("%s: caught up after rejoining (commit index %d, term %d): votes again",

@@ -79,7 +79,7 @@ from kazoo.protocol.states import KazooState
 from raftpay import wire
 from raftpay.codes import Code, ProtocolError
 from raftpay.config import parse_addr
-from raftpay.node import PeerComplaints, claim_data_dir, cluster_id, write_node_file
+from raftpay.node import PeerComplaints, claim_data_dir, clear_rejoin_mark, cluster_id
 from raftpay.zk.mirror import ZkMirror, _close_client, cluster_path, make_client
 
 log = logging.getLogger(__name__)
@@ -1284,12 +1284,8 @@ class ZkNode:
         committed after it fetched everything committed before, and our log matches its up
         to there.  So we hold what was committed: stand and count again (Raft mode's rule,
         `Node._end_rejoin`).  The NODE file loses its mark first."""
-        try:
-            write_node_file(self.data_dir, self.node_id, self._logfile.fsync,
-                            cluster=self._cluster_id)
-        except OSError as e:
-            log.warning("%s: caught up after rejoining, but cannot rewrite the NODE file (%s); "
-                        "still not standing, will try again", self.node_id, e)
+        if not clear_rejoin_mark(self.data_dir, self.node_id, self._logfile.fsync,
+                                 self._cluster_id):
             return
         self._rejoining = False
         log.info("%s: caught up after rejoining (commit %d, epoch %d): stands and counts again",
