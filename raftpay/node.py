@@ -947,6 +947,11 @@ SILENT_CLOSES_TO_COMPLAIN = 3
 #: A peer this node has had no Raft connection to for this long is named in the log.
 PEER_DOWN_REPORT_S = 10.0
 _I32 = struct.Struct("i")  # upstream's length prefix: a native int
+#: With a secret, a connection's first frame (read before anything on it has authenticated)
+#: is at most this long (`_rp_parse`); later frames, after one from a peer that holds the
+#: secret, are not bounded.  Without a secret nothing authenticates (loopback only), and a
+#: dialer's first frame may be a large appendEntries.
+FIRST_FRAME_MAX_BYTES = 64 * 1024
 
 
 class PeerComplaints:
@@ -1182,6 +1187,15 @@ class _RaftpayConnection(TcpConnection):
             return None
         if n <= 0:
             self._rp_refused(f"a frame of {n} bytes announced: not a raftpay Raft frame")
+            self.disconnect()
+            return None
+        if n > FIRST_FRAME_MAX_BYTES and not self.rp_frames_in and self.encryptor:
+            # A frame is buffered whole before it can be opened, and with a secret the first
+            # frame on a connection, either way, is upstream's key exchange (32 bytes, sealed).
+            # Anyone who reaches the port could otherwise make the node hold gigabytes unopened.
+            self._rp_refused(f"a first frame of {n} bytes announced (a node's first frame is "
+                             f"its key, under {FIRST_FRAME_MAX_BYTES} bytes): not a raftpay "
+                             f"peer")
             self.disconnect()
             return None
         if have < n:

@@ -859,6 +859,7 @@ def _sealed_pair(secret="s3cret"):
     poller = createPoller("auto")
     conns = []
     for sock in (a, b):
+        sock.setblocking(False)  # as the transport's sockets are
         conn = rn._RaftpayConnection.rp_adopt(TcpConnection(poller=poller, socket=sock))
         conn.encryptor = rn._Sealer(secret) if secret else None
         conns.append(conn)
@@ -872,8 +873,16 @@ def _deliver(frame_bytes, conn):
 
 def _frame_of(pair, message) -> bytes:
     """The bytes `pair[0].send(message)` puts on the wire, read raw at the other end."""
-    pair[0].send(message)
-    return pair[1]._TcpConnection__socket.recv(1 << 20)
+    sender, receiver = pair
+    sender.send(message)
+    sock, out = receiver._TcpConnection__socket, bytearray()
+    while True:
+        try:
+            out += sock.recv(1 << 20)
+        except BlockingIOError:
+            if not sender._TcpConnection__writeBuffer:
+                return bytes(out)
+            sender._TcpConnection__trySendBuffer()  # what the socket did not take at once
 
 
 def test_sealed_frames_round_trip_and_refuse_replay_tampering_and_other_keys(caplog):
@@ -971,6 +980,31 @@ def test_what_is_no_raft_frame_is_refused_before_its_body_arrives(caplog):
     why = ("not a raftpay Raft frame: is 127.0.0.1:7101 the peer's raft_addr, or its "
            "client_addr (or another program's port)?")
     assert [r.getMessage() for r in caplog.records if why in r.getMessage()], caplog.records
+
+
+def test_a_large_first_frame_is_refused_before_it_arrives_when_frames_are_sealed(caplog):
+    """A frame is buffered whole before it can be opened.  With a secret, a connection's first
+    frame is upstream's key exchange (32 bytes, sealed), so anyone reaching the Raft port could
+    announce gigabytes and have the node hold what it sends unopened: a first frame over
+    FIRST_FRAME_MAX_BYTES ends the connection at once.  Later frames (entries, snapshot chunks)
+    and frames without a secret (loopback only, no authentication) keep any size."""
+    caplog.set_level(logging.WARNING, logger="raftpay.node")
+    _, receiver = _sealed_pair()
+    assert _deliver(rn._I32.pack(1 << 30) + rn._FRAME_SEALED + bytes(64), receiver) is None
+    assert receiver.state == 0  # DISCONNECTED, with 73 of the 2**30 bytes read
+    why = f"a first frame of {1 << 30} bytes announced (a node's first frame is its key"
+    assert [r.getMessage() for r in caplog.records if why in r.getMessage()], caplog.records
+
+    big = {"type": "append_entries", "entries": [b"e" * (4 * rn.FIRST_FRAME_MAX_BYTES)]}
+    pair = _sealed_pair()
+    assert _deliver(_frame_of(pair, big), pair[1]) is None and pair[1].state == 0
+    for secret in ("s3cret", None):
+        pair = _sealed_pair(secret)
+        key, frame = _frame_of(pair, b"k" * 32), _frame_of(pair, big)
+        assert _deliver(key, pair[1]) == b"k" * 32
+        assert _deliver(frame, pair[1]) == big, secret
+    pair = _sealed_pair(None)
+    assert _deliver(_frame_of(pair, big), pair[1]) == big
 
 
 class _StubTransport:
