@@ -204,7 +204,7 @@ class Server:
             # The hot path: no task, no per-request timer; the batcher resolves the future and
             # the done-callback writes the reply.
             try:
-                self._write(env.type, env.body, env.id, writer)
+                self._write(env.type, env.body, env.id, writer, len(payload))
             except Exception as e:
                 self._inflight -= 1
                 writer.pending -= 1
@@ -256,9 +256,10 @@ class Server:
 
     # --- writes -----------------------------------------------------------------------------
 
-    def _write(self, kind: str, body: dict, rid: int, writer) -> None:
+    def _write(self, kind: str, body: dict, rid: int, writer, size: int) -> None:
         """Queue a write for the next entry; the reply is written when it is applied (or when
-        the entry's deadline passes: timeout, outcome unknown).  Loop thread; never blocks."""
+        the entry's deadline passes: timeout, outcome unknown).  `size`: the request's bytes,
+        which bound what it adds to the entry.  Loop thread; never blocks."""
         if not self.node.is_leader():
             self._inflight -= 1
             writer.pending -= 1
@@ -282,7 +283,7 @@ class Server:
             command = {"type": "register_session"}
         else:
             command = {"type": "keep_alive", "session": body["session"]}
-        self._batcher.add(command, rid, writer)
+        self._batcher.add(command, rid, writer, size)
 
     def _write_done(self, code: int, reply: dict | None, index: int, rid: int, writer) -> None:
         self._inflight -= 1
@@ -306,7 +307,7 @@ class Server:
             b = self._batcher
             if (self.node.is_leader() and not b.queue and not b.inflight
                     and time.monotonic() - b.last_propose >= IDLE_TICK_S):
-                b.add({"type": "tick"}, 0, None)
+                b.add({"type": "tick"}, 0, None, 16)
 
     # --- reads ------------------------------------------------------------------------------
 
@@ -379,13 +380,16 @@ class _Batcher:
 
     def __init__(self, server: Server):
         self.server = server
-        self.queue: collections.deque = collections.deque()  # (command, rid, conn)
+        self.queue: collections.deque = collections.deque()  # (command, rid, conn, bytes)
         self.inflight = 0
         self.last_propose = 0.0
         self._scheduled = False
 
-    def add(self, command: dict, rid: int, conn: "_Conn | None") -> None:
-        self.queue.append((command, rid, conn))
+    def add(self, command: dict, rid: int, conn: "_Conn | None", size: int) -> None:
+        """Queue `command`; `size` is the request's length on the wire, which bounds its share
+        of the entry (its msgpack in the entry is no longer: the envelope is left out, and
+        events may travel compact)."""
+        self.queue.append((command, rid, conn, size))
         if not self.inflight and not self._scheduled:
             self._flush()  # an idle leader: no entry to wait for, go now
         elif not self._scheduled and self.inflight < self.server.settings.max_inflight_entries:
@@ -400,8 +404,7 @@ class _Batcher:
         while queue and self.inflight < self.server.settings.max_inflight_entries:
             items, size = [], 0
             while queue:
-                cmd = queue[0][0]
-                n = len(cmd.get("events") or cmd.get("rows") or ()) * 96 + 32  # cheap estimate
+                n = queue[0][3]
                 if items and size + n > limit:
                     break
                 items.append(queue.popleft())
@@ -446,7 +449,7 @@ class _Batcher:
         write_done = server._write_done
         server._cork()
         try:
-            for i, (_, rid, conn) in enumerate(items):
+            for i, (_, rid, conn, _) in enumerate(items):
                 if conn is not None:
                     write_done(code, replies[i] if replies is not None else None, index, rid,
                                conn)

@@ -68,7 +68,7 @@ def test_a_batch_of_entry_replies_is_one_write(monkeypatch):
     for c in (a, b):
         c.pending = 3
     batcher = rs._Batcher(srv)
-    items = [({}, 1, a), ({}, 2, b), ({}, 3, a), ({}, 0, None), ({}, 4, a)]
+    items = [({}, 1, a, 9), ({}, 2, b, 9), ({}, 3, a, 9), ({}, 0, None, 9), ({}, 4, a, 9)]
     replies = [{"code": 0, "results": [i]} for i in range(len(items))]
     batcher._answer(items, rs.Code.OK, replies, 42)
     assert len(a.transport.writes) == 1 and len(b.transport.writes) == 1
@@ -92,13 +92,13 @@ def _written_command(events=None, body=None):
     got = []
 
     class _Batcher:
-        def add(self, command, rid, conn):
+        def add(self, command, rid, conn, size):
             got.append(command)
 
     srv._batcher = _Batcher()
     if body is None:
         body = {"events": events, "session": 3, "seq": 1, "ack": 1}
-    srv._write("submit", body, 9, object())
+    srv._write("submit", body, 9, object(), 100)
     return got[0]
 
 
@@ -154,10 +154,10 @@ def test_group_commit_keeps_one_entry_in_flight_and_sends_what_waited_as_the_nex
         srv.node, srv._loop = node, loop
         srv._batcher = batcher = rs._Batcher(srv)
         a.pending = srv._inflight = 4
-        batcher.add({"type": "submit", "n": 1}, 1, a)
+        batcher.add({"type": "submit", "n": 1}, 1, a, 100)
         assert [cmds for cmds, _ in node.proposals] == [[{"type": "submit", "n": 1}]]
         for n in (2, 3, 4):
-            batcher.add({"type": "submit", "n": n}, n, a)
+            batcher.add({"type": "submit", "n": n}, n, a, 100)
         for _ in range(3):
             await asyncio.sleep(0)
         assert len(node.proposals) == 1, "a second entry went out while the first was in flight"
@@ -167,5 +167,31 @@ def test_group_commit_keeps_one_entry_in_flight_and_sends_what_waited_as_the_nex
         assert batcher.inflight == 1 and len(a.transport.writes) == 1  # entry 1's reply
         node.proposals[1][1](rs.Code.OK, [{"code": 0, "results": [0]}] * 3, 8)
         assert batcher.inflight == 0 and srv._inflight == 0 and a.pending == 0
+
+    asyncio.run(scenario())
+
+
+def test_group_commit_bounds_an_entry_by_the_requests_bytes():
+    """An entry holds what waited up to `max_entry_bytes` of requests as they arrived (an
+    estimate by event count let a few requests of large fields make one entry of any size,
+    in every replica's log and memory); a request larger than the bound goes alone."""
+    import asyncio
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        node = _ProposingNode(loop)
+        srv, (a,) = _server_and_conns(1)
+        srv.node, srv._loop = node, loop
+        srv.settings.max_entry_bytes = 1000
+        srv._batcher = batcher = rs._Batcher(srv)
+        a.pending = srv._inflight = 7
+        for n, size in enumerate((10, 400, 400, 400, 5000, 300, 300), 1):
+            batcher.add({"type": "submit", "events": [{"n": n}]}, n, a, size)
+        for i in range(4):
+            await asyncio.sleep(0)
+            node.proposals[i][1](rs.Code.OK, [{"code": 0, "results": [0]}] * 2, i + 1)
+        await asyncio.sleep(0)
+        assert [[c["events"][0]["n"] for c in cmds] for cmds, _ in node.proposals] == [
+            [1], [2, 3], [4], [5], [6, 7]]
 
     asyncio.run(scenario())
