@@ -1880,6 +1880,9 @@ class _RaftpaySyncObj(SyncObj):
     #: entries it acknowledged; a vote from it could elect a leader that lacks them.  Its
     #: acknowledgements of entries it now holds are sound, so it still replicates.
     rp_abstain = False
+    #: Peers (addresses) whose last pre-vote answer said they are rejoining: they do not vote,
+    #: which `Node._check_leader` names when no leader comes of it.
+    rp_rejoining_peers: frozenset = frozenset()
 
     def _rp_maybe_pre_vote(self) -> None:
         """Before upstream's tick: start a pre-vote round if the election timer ran out."""
@@ -1921,9 +1924,11 @@ class _RaftpaySyncObj(SyncObj):
                  and (message["last_log_term"], message["last_log_index"]) >= mine)
         self._SyncObj__transport.send(node, {
             "type": _MSG_PRE_VOTE_RESPONSE, "term": message["term"], "granted": grant,
-            "current_term": self._SyncObj__raftCurrentTerm})
+            "current_term": self._SyncObj__raftCurrentTerm, "rejoining": self.rp_abstain})
 
     def _rp_on_pre_vote_response(self, node, message) -> None:
+        if bool(message.get("rejoining")) != (node.id in self.rp_rejoining_peers):
+            self.rp_rejoining_peers = self.rp_rejoining_peers ^ {node.id}
         if self._SyncObj__raftState == _RAFT_STATE.LEADER:
             return
         if message["current_term"] > self._SyncObj__raftCurrentTerm:
@@ -2556,6 +2561,8 @@ class Node:
         self._next_peer_check = 0.0
         #: peer Raft address -> [down since, last reported (0: not yet)] (`_check_peers`)
         self._peers_down: dict[str, list[float]] = {}
+        #: [no leader known since, last reported (0: not yet)], None with one (`_check_leader`)
+        self._leaderless: list[float] | None = None
         # Until this monotonic time, a leader keeps trying to hand leadership over (step_down).
         self._step_down_until = 0.0
         self._next_step_down_try = 0.0
@@ -3045,6 +3052,7 @@ class Node:
         if now >= self._next_peer_check:
             self._next_peer_check = now + 1.0
             self._check_peers(so, now)
+            self._check_leader(so, now)
             if so.rp_abstain and so.raftCurrentTerm > 0 and so.rp_committed_in_term():
                 self._end_rejoin(so)  # (term 0: the journal's first entry, no leader's)
         so.rp_compact_if_due_by_bytes()
@@ -3070,6 +3078,49 @@ class Node:
         so.rp_abstain = False
         log.info("%s: caught up after rejoining (commit index %d, term %d): votes again",
                  self.node_id, so.raftCommitIndex, so.raftCurrentTerm)
+
+    def _check_leader(self, so: _RaftpaySyncObj, now: float) -> None:
+        """With no leader for PEER_DOWN_REPORT_S, say why none can be elected, once per
+        PEER_COMPLAINT_INTERVAL_S while it lasts: whose votes a leader needs and which members
+        cannot give one (not connected, or rejoining after losing their data: a cluster whose
+        other members are down waits for them, and said nothing).  Say when one is back."""
+        leader = so.rp_leader_addr()
+        if leader is not None:
+            if self._leaderless is not None and self._leaderless[1]:
+                log.info("%s: %s leads, after %.0f s without a leader", self.node_id,
+                         self._addr_to_id.get(leader, leader), now - self._leaderless[0])
+            self._leaderless = None
+            return
+        if self._leaderless is None:
+            self._leaderless = [now, 0.0]
+            return
+        since, said = self._leaderless
+        if now - since < PEER_DOWN_REPORT_S or (said and now - said < PEER_COMPLAINT_INTERVAL_S):
+            return
+        self._leaderless[1] = now
+        voters, cannot = [], []
+        if so.rp_abstain:
+            cannot.append(f"{self.node_id} (this node) is rejoining after losing its data and "
+                          f"does not vote until a leader has brought it up to date")
+        else:
+            voters.append(self.node_id)
+        by_id = {self._addr_to_id.get(addr, addr): (addr, p) for addr, p in so.rp_peers().items()}
+        for peer, (addr, p) in sorted(by_id.items()):
+            if not p["connected"]:
+                cannot.append(f"{peer} is not connected")
+            elif addr in so.rp_rejoining_peers:
+                cannot.append(f"{peer} is rejoining after losing its data")
+            else:
+                voters.append(peer)
+        members = len(self.peers) + 1
+        need = members // 2 + 1
+        if len(voters) >= need:
+            why = (f"{', '.join(voters)} can vote, enough for one; their elections have not "
+                   f"agreed yet")
+        else:
+            why = f"only {', '.join(voters) or 'none'} can vote: {'; '.join(cannot)}"
+        log.warning("%s: no leader for %.0f s: a leader needs the votes of %d of the %d "
+                    "members, and %s", self.node_id, now - since, need, members, why)
 
     def _check_peers(self, so: _RaftpaySyncObj, now: float) -> None:
         """Name a peer this node has had no Raft connection to for PEER_DOWN_REPORT_S, once

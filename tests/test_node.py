@@ -1000,6 +1000,35 @@ def test_a_peer_without_a_connection_is_named_in_the_log_and_so_is_its_return(
     assert len(said(down)) == 2  # once per interval (a minute), not once per check
 
 
+def test_a_cluster_without_a_leader_says_whose_votes_are_missing(cluster, caplog, monkeypatch):
+    """c lost its data and rejoins (it does not vote until a leader brought it up to date), b
+    is down: a and c alone can elect nobody, correctly, and both waited without a word.  After
+    PEER_DOWN_REPORT_S without a leader each says how many votes a leader needs and who cannot
+    give one, and why (c tells a in its pre-vote answers); once b is back, that a leader is."""
+    import logging
+    caplog.set_level(logging.INFO, logger="raftpay.node")
+    monkeypatch.setattr(rn, "PEER_DOWN_REPORT_S", 0.5)
+    c = cluster()
+    rn.init_data_dir(os.path.join(c.root, "c"), "c", None, rejoin=True)
+    c.start("a", "c")
+
+    def said(words):
+        return [r.getMessage() for r in caplog.records if words in r.getMessage()]
+    wait_for(lambda: said("a: no leader for") and said("c: no leader for"), 15, "a and c to say")
+    (m,) = said("a: no leader for")
+    assert m.endswith("s: a leader needs the votes of 2 of the 3 members, and only a can vote: "
+                      "b is not connected; c is rejoining after losing its data"), m
+    (m,) = said("c: no leader for")
+    assert m.endswith("only a can vote: c (this node) is rejoining after losing its data and "
+                      "does not vote until a leader has brought it up to date; b is not "
+                      "connected"), m
+    assert not any(n.is_leader() for n in c.running())
+    c.start("b")
+    leader = c.leader()
+    wait_for(lambda: len(said(f"{leader.node_id} leads, after ")) == 2, 15, "a and c to say")
+    assert len(said("no leader for")) == 2  # once per interval (a minute), not once per check
+
+
 @pytest.mark.parametrize("secret", [None, "s3cret"])
 def test_a_node_known_by_another_address_than_its_own_is_named_by_the_node_it_dials(
         tmp_path, caplog, secret):
