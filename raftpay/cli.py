@@ -534,8 +534,8 @@ def _status_rows(seeds: list[str]) -> list[dict]:
 
 
 def _status_problems(rows: list[dict]) -> list[str]:
-    """What the table cannot show: why a node stopped its Raft (a full disk, an entry it
-    could not apply), a node that rejoins after losing its data, which peers a running node
+    """What the table cannot show: why a node did not answer, why it stopped its Raft (a full
+    disk, an entry it could not apply), a node that rejoins after losing its data, which peers a running node
     has no Raft connection to, and nodes whose data dirs were made for different clusters."""
     out = []
     clusters: dict[str, list[str]] = {}
@@ -549,6 +549,10 @@ def _status_problems(rows: list[dict]) -> list[str]:
             "refuse each other (README, 'A node that lost its data')")
     for r in rows:
         name = r.get("id", r["address"])
+        if r.get("role") == "unreachable" and r.get("error"):
+            at = "" if name == r["address"] else f" at {r['address']}"
+            error = r["error"].removeprefix(f"{r['address']}: ")  # the client's own prefix
+            out.append(f"{name}: unreachable{at}: {error}")
         if r.get("fatal"):
             out.append(f"{name}: stopped: {r['fatal']}")
         if r.get("rejoining") and r.get("running") is not False:

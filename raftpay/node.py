@@ -84,6 +84,7 @@ from typing import Any, Callable, Iterable
 
 import msgpack
 
+from . import wire
 from .codes import Code
 
 log = logging.getLogger(__name__)
@@ -1178,6 +1179,8 @@ class _RaftpayConnection(TcpConnection):
         if have and buf[pos + 4] not in _FRAME_TYPES:
             # A client frame's length is big-endian (read here as a huge native int), and the
             # client then waits for an answer that never comes: say so at once, and close.
+            if self.rp_dialed is None:
+                self._rp_answer_client(bytes(buf[pos:]))
             self._rp_refused(
                 "not a raftpay Raft frame: a raftpay client (or another program) on the Raft "
                 "port? Clients connect to the nodes' client_addr" if self.rp_dialed is None else
@@ -1243,6 +1246,33 @@ class _RaftpayConnection(TcpConnection):
             transport.rp_silent_closes.pop(self.rp_dialed, None)  # it answers us
         self.rp_frames_in += 1
         return message
+
+    def _rp_answer_client(self, data: bytes) -> None:
+        """`data` begins with a raftpay client's request on the Raft port: answer it with
+        `invalid_request` naming the client port, best effort, before the connection closes.
+        Closed without an answer, the client could not tell that nothing was applied: it
+        retried for its whole deadline and reported the write's outcome as unknown."""
+        try:
+            (n,) = wire.PREFIX.unpack_from(data)
+            env = wire.decode(data[4:4 + n]) if len(data) >= 4 + n else None
+        except (wire.ProtocolError, struct.error):
+            return
+        if env is None:
+            return  # not all of it yet: the close says enough
+        owner = getattr(getattr(self.rp_transport, "_syncObj", None), "_rp_owner", None)
+        if owner is None:
+            where = "a raftpay node's Raft port"
+            port = "to the nodes' client_addr"
+        else:
+            where = f"node {owner.node_id}'s Raft port ({owner.raft_addr})"
+            port = f"to its client_addr, {owner.client_addr}" if owner.client_addr else \
+                "to the nodes' client_addr"
+        try:
+            self._TcpConnection__socket.send(wire.reply(
+                env.id, Code.INVALID_REQUEST, message=f"{where}, for its peers; nothing was "
+                f"applied. Clients connect {port}"))
+        except OSError:
+            pass
 
     def _rp_cluster_refusal(self, cluster: bytes) -> str | None:
         """Why a frame stamped with `cluster` is refused, None if it is not.  A node reads the
@@ -2471,7 +2501,8 @@ class Node:
                  ledger_cls=None, snapshot_in_background: bool = hasattr(os, "fork"),
                  snapshot_delay_s: float = 0.0, freeze_heap: bool = False,
                  log_compaction_min_bytes: int = LOG_COMPACTION_BYTES,
-                 new_data_dir: bool = True, cluster_name: str = "local"):
+                 new_data_dir: bool = True, cluster_name: str = "local",
+                 client_addr: str | None = None):
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync must be one of {FSYNC_POLICIES}, not {fsync!r}")
         if heartbeat_ms is None:
@@ -2491,6 +2522,8 @@ class Node:
             raise ValueError(f"raft addresses must be distinct: {addrs}")
         self.node_id = node_id
         self.raft_addr = raft_addr
+        #: Where this node's clients connect; told to a client that reaches the Raft port.
+        self.client_addr = client_addr
         self.peers = dict(peers)
         self.data_dir = data_dir
         self._dir_lock = -1  # fd of the data dir's LOCK while started (`claim_data_dir`)

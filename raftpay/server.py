@@ -736,7 +736,7 @@ async def serve(cfg, *, stop: asyncio.Event | None = None, on_ready=None) -> Non
                 on_apply=lambda index, ts, replies: _observe(hlc, ts),
                 snapshot_delay_s=_snapshot_delay_s(), freeze_heap=True,
                 new_data_dir=False,  # `raftpay node init` makes a new node's dir
-                cluster_name=cfg.cluster.name)
+                cluster_name=cfg.cluster.name, client_addr=cfg.node.client_addr)
     by_id = {p.id: p.client_addr for p in cfg.cluster.peers}
     mirror = None
     if cfg.zk.hosts:

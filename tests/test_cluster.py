@@ -596,6 +596,30 @@ def test_a_nodes_log_lines_name_the_node(cluster):
     assert f" {cfg.node.id} raftpay.node WARNING dropping a Raft connection" in line, line
 
 
+def test_a_client_given_a_raft_port_is_told_the_client_port_at_once(cluster):
+    """A client (or `raftpay status`) given a node's Raft address: the node closed the
+    connection unanswered, and the client retried until its deadline, then called a write's
+    outcome unknown (10 s, "may have been applied").  The node now answers the request with
+    `invalid_request`, saying nothing was applied and where clients connect."""
+    import time
+    cfg = cluster.configs[0]
+    t0 = time.monotonic()
+    with Client(cfg.node.raft_addr, timeout_s=10) as c:
+        with pytest.raises(RequestRejected) as e:
+            c.create_accounts([{"id": "raft-port", "currency": 1}])
+    assert time.monotonic() - t0 < 5
+    assert e.value.code == Code.INVALID_REQUEST and str(e.value).endswith(
+        f"node {cfg.node.id}'s Raft port ({cfg.node.raft_addr}), for its peers; nothing was "
+        f"applied. Clients connect to its client_addr, {cfg.node.client_addr}"), str(e.value)
+    with Client(cluster.seeds) as c:
+        assert c.lookup_accounts(["raft-port"]) == [None]
+    r = subprocess.run([sys.executable, "-m", "raftpay", "status", "--cluster",
+                        cfg.node.raft_addr], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and (
+        f"{cfg.node.raft_addr}: unreachable: invalid_request: node {cfg.node.id}'s Raft port"
+        in r.stdout), r.stdout
+
+
 def pay_stream(seeds: str, prefix: str, n: int, results: dict, stop: threading.Event):
     """Pay n transfers one by one, recording each id's outcome: ok/exists, or unknown."""
     with Client(seeds, timeout_s=20) as c:
