@@ -975,6 +975,29 @@ class PeerComplaints:
         self._seen[key] = [now, 0]
 
 
+class _Lasting:
+    """Conditions worth a log line only once they last (a peer without a connection, a
+    cluster without a leader), and then not on every check: `due(key, now)` returns how long
+    `key` has held when a report is due (after PEER_DOWN_REPORT_S, then once per
+    PEER_COMPLAINT_INTERVAL_S), else None; `over(key, now)` ends it, returning how long it held
+    if it was reported (so its end is worth saying), else None."""
+
+    def __init__(self):
+        self._held: dict = {}  # key -> [since, last reported (0: not yet)]
+
+    def due(self, key, now: float) -> float | None:
+        held = self._held.setdefault(key, [now, 0.0])
+        if now - held[0] < PEER_DOWN_REPORT_S or (
+                held[1] and now - held[1] < PEER_COMPLAINT_INTERVAL_S):
+            return None
+        held[1] = now
+        return now - held[0]
+
+    def over(self, key, now: float) -> float | None:
+        held = self._held.pop(key, None)
+        return now - held[0] if held is not None and held[1] else None
+
+
 class _Sealer:
     """Authenticated encryption of node-to-node frames with a key derived from the cluster
     secret (PBKDF2-SHA256, like upstream's Fernet key, then AES-256-GCM).
@@ -2592,10 +2615,9 @@ class Node:
         self._next_ping = 0.0
         self._next_transmit_round = 0.0
         self._next_peer_check = 0.0
-        #: peer Raft address -> [down since, last reported (0: not yet)] (`_check_peers`)
-        self._peers_down: dict[str, list[float]] = {}
-        #: [no leader known since, last reported (0: not yet)], None with one (`_check_leader`)
-        self._leaderless: list[float] | None = None
+        #: A peer without a Raft connection, the cluster without a leader (`_check_peers`,
+        #: `_check_leader`).
+        self._lasting = _Lasting()
         # Until this monotonic time, a leader keeps trying to hand leadership over (step_down).
         self._step_down_until = 0.0
         self._next_step_down_try = 0.0
@@ -3119,18 +3141,14 @@ class Node:
         other members are down waits for them, and said nothing).  Say when one is back."""
         leader = so.rp_leader_addr()
         if leader is not None:
-            if self._leaderless is not None and self._leaderless[1]:
+            lasted = self._lasting.over("leaderless", now)
+            if lasted is not None:
                 log.info("%s: %s leads, after %.0f s without a leader", self.node_id,
-                         self._addr_to_id.get(leader, leader), now - self._leaderless[0])
-            self._leaderless = None
+                         self._addr_to_id.get(leader, leader), lasted)
             return
-        if self._leaderless is None:
-            self._leaderless = [now, 0.0]
+        lasted = self._lasting.due("leaderless", now)
+        if lasted is None:
             return
-        since, said = self._leaderless
-        if now - since < PEER_DOWN_REPORT_S or (said and now - said < PEER_COMPLAINT_INTERVAL_S):
-            return
-        self._leaderless[1] = now
         voters, cannot = [], []
         if so.rp_abstain:
             cannot.append(f"{self.node_id} (this node) is rejoining after losing its data and "
@@ -3153,7 +3171,7 @@ class Node:
         else:
             why = f"only {', '.join(voters) or 'none'} can vote: {'; '.join(cannot)}"
         log.warning("%s: no leader for %.0f s: a leader needs the votes of %d of the %d "
-                    "members, and %s", self.node_id, now - since, need, members, why)
+                    "members, and %s", self.node_id, lasted, need, members, why)
 
     def _check_peers(self, so: _RaftpaySyncObj, now: float) -> None:
         """Name a peer this node has had no Raft connection to for PEER_DOWN_REPORT_S, once
@@ -3162,22 +3180,16 @@ class Node:
         address, or with another secret) otherwise left no trace in any node's log.  The
         message says who dials whom, which is where a wrong address shows."""
         for addr, p in so.rp_peers().items():
-            down = self._peers_down.get(addr)
             peer = self._addr_to_id.get(addr, addr)
             if p["connected"]:
-                if down is not None:
-                    del self._peers_down[addr]
-                    if down[1]:
-                        log.info("%s: Raft connection to %s at %s is back after %.0f s",
-                                 self.node_id, peer, addr, now - down[0])
+                lasted = self._lasting.over(("down", addr), now)
+                if lasted is not None:
+                    log.info("%s: Raft connection to %s at %s is back after %.0f s",
+                             self.node_id, peer, addr, lasted)
                 continue
-            if down is None:
-                self._peers_down[addr] = [now, 0.0]
+            lasted = self._lasting.due(("down", addr), now)
+            if lasted is None:
                 continue
-            if now - down[0] < PEER_DOWN_REPORT_S or (
-                    down[1] and now - down[1] < PEER_COMPLAINT_INTERVAL_S):
-                continue
-            down[1] = now
             if so.rp_dials(addr):
                 how = ("this node dials it: is it running, at that address, with this "
                        "cluster's secret?")
@@ -3185,7 +3197,7 @@ class Node:
                 how = (f"it dials this node: is it running, with this node listed at "
                        f"{self.raft_addr} and this cluster's secret?")
             log.warning("%s: no Raft connection to %s at %s for %.0f s (%s)", self.node_id,
-                        peer, addr, now - down[0], how)
+                        peer, addr, lasted, how)
 
     def _take_proposals(self, so: _RaftpaySyncObj, is_leader: bool) -> bool:
         """Append every queued proposal (leader) or refuse it; True if anything was appended.
