@@ -584,6 +584,35 @@ def test_adapter_follower_keeps_entries_it_holds(rp_pair, caplog):
     assert "truncating" not in caplog.text
 
 
+@pytest.mark.parametrize("size", [40_000, 100_000])  # two entries a message; in chunks
+def test_a_leader_holds_entries_back_from_a_follower_that_reads_slower_than_it_writes(
+        tmp_path, monkeypatch, size):
+    """Upstream sends each round every entry past a follower's nextIndex, and what the socket
+    does not take waits in the leader's memory: a follower alive but slower than the writes
+    kept every entry since it fell behind there (hundreds of MB in a scratch run).  Past
+    RP_APPEND_BACKLOG_BYTES waiting, the leader sends it nothing more until that drains, and
+    then everything it held back: the follower ends with the leader's log, in order."""
+    monkeypatch.setattr(rn, "RP_APPEND_BACKLOG_BYTES", 256 * 1024)
+    pair = _rp_pair(tmp_path, batch_bytes=64 * 1024, socket_buffer_bytes=64 * 1024)
+    try:
+        leader, follower = _leader_follower(pair)
+        conn = leader._SyncObj__transport._connections[follower._SyncObj__selfNode]
+        waiting = []
+        for i in range(40):  # 1.6 or 4 MB, appended without ticking the follower (~0.1 s)
+            leader.rp_append(rn.ENTRY_LEDGER + bytes([i]) * size, lambda *a: None)
+            leader.rp_send_round()
+            leader.rp_tick(0)
+            waiting.append(conn.getSendBufferSize())
+        # The bound, plus one message (two entries of a batch, or a whole chunked entry).
+        assert max(waiting) <= 256 * 1024 + 2 * size + 4096, max(waiting)
+        tick_until(pair, lambda: follower.raftCommitIndex == leader.rp_last_index()
+                   or (leader.rp_send_round() and False), what="the follower to catch up")
+        assert _log(follower) == _log(leader)
+    finally:
+        for so in pair:
+            so.rp_destroy()
+
+
 def test_a_follower_syncs_once_for_the_entries_of_one_read_then_acks_each(rp_pair, monkeypatch):
     """Two rounds waiting in the follower's socket: upstream acknowledges each message as it
     handles it, which cost a sync per message; the adapter holds the acks until the read is
