@@ -132,6 +132,25 @@ def encode(type: str, id: int, body: dict[str, Any], max_bytes: int = MAX_FRAME_
     return PREFIX.pack(len(payload)) + payload
 
 
+def peek(payload: bytes) -> tuple[str, int] | None:
+    """A request's (type, id) read from the first bytes of its payload, without decoding the
+    body, when the envelope's first three keys are v, type and id as `encode` writes them;
+    None otherwise (the caller then decodes it as usual).  For refusing a large request before
+    paying for its body.  Pure; raises nothing."""
+    try:
+        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=64)
+        unpacker.feed(payload[:64])
+        if unpacker.read_map_header() < 4:
+            return None
+        head = [unpacker.unpack() for _ in range(6)]
+    except Exception:
+        return None
+    if head[0:5:2] != ["v", "type", "id"] or not isinstance(head[3], str) \
+            or not _is_u64(head[5]):
+        return None
+    return head[3], head[5]
+
+
 def reply(id: int, code: int, /, **fields: Any) -> bytes:
     """The frame of a reply to request `id`: body `{"code": int(code), **fields}`.
 

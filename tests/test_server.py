@@ -195,3 +195,57 @@ def test_group_commit_bounds_an_entry_by_the_requests_bytes():
             [1], [2, 3], [4], [5], [6, 7]]
 
     asyncio.run(scenario())
+
+
+def test_writes_beyond_two_entries_waiting_are_refused_overloaded_before_decoding():
+    """Writes that wait for the next entry are bounded in bytes (`max_queued_bytes`): one that
+    would pass the bound is answered `overloaded` (nothing happened; the client backs off and
+    retries) from its head alone, instead of waiting behind the others until its client's
+    deadline called its outcome unknown.  An idle leader admits any one request; reads pass."""
+    import asyncio
+
+    def frame(rid):
+        body = {"events": [{"op": "create_account", "id": 1000 + rid * 100 + i,
+                            "currency": 1} for i in range(20)]}  # the same size for every rid
+        return wire.encode("submit", rid, body)[4:]
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        node = _ProposingNode(loop)
+        srv, (a,) = _server_and_conns(1)
+        srv.node, srv._loop = node, loop
+        srv._batcher = rs._Batcher(srv)
+        size = len(frame(1))
+        srv.settings.max_queued_bytes = 2 * size + 10
+        for rid in (1, 2, 3, 4):
+            srv._dispatch(frame(rid), a)
+        await asyncio.sleep(0)
+        assert len(node.proposals) == 1 and srv._batcher.queued_bytes == 2 * size
+        (refused,) = [wire.decode(w[4:]) for w in a.transport.writes]
+        assert refused.id == 4 and refused.body["code"] == rs.Code.OVERLOADED
+        assert refused.body["message"] == (f"{2 * size} bytes of writes wait for the log; "
+                                           f"nothing was applied, retry shortly")
+        read = wire.encode("lookup_accounts", 9, {"ids": [1]})[4:]
+        assert srv._overloaded(read, a) is False and len(a.transport.writes) == 1
+        # An undecodable head is decoded as usual, and refused for what it is.
+        srv._dispatch(b"\x81\xa1x\x01", a)
+        assert wire.decode(a.transport.writes[-1][4:]).body["code"] == rs.Code.INVALID_REQUEST
+        node.proposals[0][1](rs.Code.OK, [{"code": 0, "results": [0] * 20}], 1)
+        await asyncio.sleep(0)
+        assert len(node.proposals) == 2 and srv._batcher.queued_bytes == 0
+        srv._dispatch(frame(5), a)
+        assert srv._batcher.queued_bytes == size  # admitted again
+
+    asyncio.run(scenario())
+
+
+def test_peek_reads_a_requests_type_and_id_from_its_head_only():
+    payload = wire.encode("submit", 2**64 - 1, {"events": [{"x": "y" * 100_000}]})[4:]
+    assert wire.peek(payload) == ("submit", 2**64 - 1)
+    assert wire.peek(payload[:40]) == ("submit", 2**64 - 1)
+    import msgpack
+    for other in (b"", b"\xc1", msgpack.packb({"type": "submit", "v": 1, "id": 3, "body": {}}),
+                  msgpack.packb({"v": 1, "type": 5, "id": 3, "body": {}}),
+                  msgpack.packb({"v": 1, "type": "submit", "id": -1, "body": {}}),
+                  msgpack.packb([1, 2, 3])):
+        assert wire.peek(other) is None, other
