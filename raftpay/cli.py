@@ -535,8 +535,9 @@ def _status_rows(seeds: list[str]) -> list[dict]:
 
 def _status_problems(rows: list[dict]) -> list[str]:
     """What the table cannot show: why a node did not answer, why it stopped its Raft (a full
-    disk, an entry it could not apply), a node that rejoins after losing its data, which peers a running node
-    has no Raft connection to, and nodes whose data dirs were made for different clusters."""
+    disk, an entry it could not apply), a node that rejoins after losing its data, which peers
+    a running node has no Raft connection to, and nodes whose data dirs were made for different
+    clusters."""
     out = []
     clusters: dict[str, list[str]] = {}
     for r in rows:

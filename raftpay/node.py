@@ -949,7 +949,7 @@ SILENT_CLOSES_TO_COMPLAIN = 3
 PEER_DOWN_REPORT_S = 10.0
 _I32 = struct.Struct("i")  # upstream's length prefix: a native int
 #: Entries for a follower wait in the leader's memory up to about this much (plus the socket's
-#: own buffer and one message) before the leader holds back the next (`_rp_backlogged`).  A
+#: own buffer and one message) before the leader holds back the next (`_rp_held_back`).  A
 #: follower that keeps up never has more than the entry in flight waiting.
 RP_APPEND_BACKLOG_BYTES = 16 * 1024 * 1024
 #: With a secret, a connection's first frame (read before anything on it has authenticated)

@@ -229,9 +229,11 @@ class Server:
         2026-12-05), though most had not been proposed yet, and the leader held them all.
         `overloaded` says that nothing happened, and the client backs off and retries.
         Refused before its body is decoded."""
+        if not self._batcher.queue:
+            return False  # an idle leader admits any one request
         head = wire.peek(payload)
-        if head is None or head[0] not in _WRITE_TYPES or not self._batcher.queue:
-            return False  # decoded as usual (an idle leader admits any one request)
+        if head is None or head[0] not in _WRITE_TYPES:
+            return False  # decoded as usual
         self._reply(writer, head[1], Code.OVERLOADED, message=(
             f"{self._batcher.queued_bytes} bytes of writes wait for the log; nothing was "
             f"applied, retry shortly"))
