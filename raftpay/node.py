@@ -914,6 +914,7 @@ class _RaftpayJournal(FileJournal):
         fdatasync writes the pages dirtied through the mmap and the size change too.  The fd is
         looked up each time because upstream reopens the file when it grows it."""
         rfile = self._FileJournal__journalFile
+        started = time.monotonic()
         try:
             os.fdatasync(rfile._ResizableFile__f.fileno())
         except OSError as e:
@@ -922,6 +923,19 @@ class _RaftpayJournal(FileJournal):
             # 2018): a node that carried on could acknowledge entries it no longer holds.
             raise FatalNodeError(f"cannot sync the journal: {e!r}") from e
         self.rp_syncs += 1
+        took = time.monotonic() - started
+        if took >= SLOW_SYNC_S:
+            # The sync runs on the node's loop: for as long, no commit, no reply and, on a
+            # leader, no heartbeat; past an election timeout the followers elect another.
+            # Otherwise an operator saw only slow commits or elections, and no cause.
+            if self.rp_complain is None:
+                self.rp_complain = PeerComplaints(log).warn
+            self.rp_complain("slow sync", (
+                f"a journal sync took {took * 1000:.0f} ms (fdatasync of {self.rp_path}): "
+                f"for that long this node neither committed, answered nor sent heartbeats, "
+                f"and a disk this slow costs elections"))
+
+    rp_complain = None  # PeerComplaints(log).warn, made at the first slow sync
 
 
 #: First byte of every frame between raftpay nodes (`_RaftpayConnection`): which framing
@@ -947,6 +961,8 @@ PEER_COMPLAINT_INTERVAL_S = 60.0
 SILENT_CLOSES_TO_COMPLAIN = 3
 #: A peer this node has had no Raft connection to for this long is named in the log.
 PEER_DOWN_REPORT_S = 10.0
+#: A journal sync that takes this long is named in the log (once a minute, with a count).
+SLOW_SYNC_S = 0.5
 _I32 = struct.Struct("i")  # upstream's length prefix: a native int
 #: Entries for a follower wait in the leader's memory up to about this much (plus the socket's
 #: own buffer and one message) before the leader holds back the next (`_rp_held_back`).  A

@@ -584,6 +584,34 @@ def test_adapter_follower_keeps_entries_it_holds(rp_pair, caplog):
     assert "truncating" not in caplog.text
 
 
+def test_a_slow_journal_sync_is_named_once_a_minute(rp_pair, monkeypatch, caplog):
+    """A sync runs on the node's loop: while it lasts nothing commits, no client is answered
+    and a leader sends no heartbeat, so a slow disk showed as slow commits or elections with
+    no cause in any log.  A sync over SLOW_SYNC_S is named, once a minute with a count.  (A
+    slow disk is the one part faked here: fdatasync sleeps first.)"""
+    caplog.set_level(logging.WARNING, logger="raftpay.node")
+    leader, follower = _leader_follower(rp_pair)
+    monkeypatch.setattr(rn, "SLOW_SYNC_S", 0.05)
+    real = os.fdatasync
+
+    def slow(fd):
+        time.sleep(0.06)
+        real(fd)
+    monkeypatch.setattr(os, "fdatasync", slow)
+    journal = leader._SyncObj__raftLog
+    for i in range(3):
+        leader.rp_append(rn.ENTRY_LEDGER + bytes([i]), lambda *a: None)
+        leader.rp_tick(0)  # the leader's sync, before its commit counts it
+    said = [r.getMessage() for r in caplog.records if "a journal sync took" in r.getMessage()]
+    assert len(said) == 1 and f"(fdatasync of {journal.rp_path}): for that long this node " \
+        f"neither committed, answered nor sent heartbeats" in said[0], said
+    monkeypatch.setattr(os, "fdatasync", real)
+    syncs = journal.rp_syncs
+    leader.rp_append(rn.ENTRY_LEDGER + b"fast", lambda *a: None)
+    leader.rp_tick(0)
+    assert journal.rp_syncs > syncs and len(caplog.records) == 1
+
+
 @pytest.mark.parametrize("size", [40_000, 100_000])  # two entries a message; in chunks
 def test_a_leader_holds_entries_back_from_a_follower_that_reads_slower_than_it_writes(
         tmp_path, monkeypatch, size):
