@@ -224,6 +224,23 @@ def test_a_lower_epoch_is_fenced(cluster):
         assert c.create_account("after-fence", 1) == Code.OK
 
 
+def test_a_client_given_a_peer_port_is_told_the_client_port_at_once(cluster):
+    """A client given a node's peer (raft_addr) port read the node's handshake as its reply,
+    failed on it, retried until its deadline and called the write's outcome unknown (10 s).
+    The node now answers the request with `invalid_request` naming its client port."""
+    cfg = cluster.configs[0]
+    t0 = time.monotonic()
+    with Client(cfg.node.raft_addr, timeout_s=10) as c:
+        with pytest.raises(RaftpayError) as e:
+            c.create_accounts([{"id": "peer-port", "currency": 1}])
+    assert time.monotonic() - t0 < 5
+    assert e.value.code == Code.INVALID_REQUEST and str(e.value).endswith(
+        f"node {cfg.node.id}'s peer port, for its peers; nothing was applied. Clients connect "
+        f"to its client_addr, {cfg.node.client_addr}"), str(e.value)
+    with Client(cluster.seeds) as c:
+        assert c.lookup_accounts(["peer-port"]) == [None]
+
+
 # --- crashes ------------------------------------------------------------------------------------
 
 

@@ -287,17 +287,30 @@ class _Channel:
 
 
 async def _handshake(reader, writer, *, initiator: bool, my_id: str, secret: str | None,
-                     timeout_s: float = CONNECT_TIMEOUT_S) -> _Channel:
+                     timeout_s: float = CONNECT_TIMEOUT_S,
+                     client_port: str | None = None) -> _Channel:
     """Exchange node ids and nonces, derive the connection key.  Raises ProtocolError,
-    OSError or TimeoutError.  Both sides send first, so neither waits for the other."""
+    OSError or TimeoutError.  The initiator sends first; the acceptor answers once it has read
+    the initiator's hello, so that a raftpay client on the peer port (a seed list copied from
+    the peers') is answered `invalid_request` naming `client_port`: sent our hello first, it
+    failed to decode it, retried until its deadline and called its write's outcome unknown."""
     nonce = os.urandom(16)
     hello = msgpack.packb({"p": PROTOCOL, "node": my_id, "nonce": nonce}, use_bin_type=True)
-    writer.write(wire.PREFIX.pack(len(hello)) + hello)
+    hello = wire.PREFIX.pack(len(hello)) + hello
     async with asyncio.timeout(timeout_s):
-        await writer.drain()
+        if initiator:
+            writer.write(hello)
+            await writer.drain()
         data = await wire.read_frame(reader, 4096, timeout_s)
-    if data is None:
-        raise ConnectionError("closed during the handshake")
+        if data is None:
+            raise ConnectionError("closed during the handshake")
+        if not initiator:
+            refusal = _client_refusal(data, my_id, client_port)
+            writer.write(refusal or hello)
+            await writer.drain()
+            if refusal:
+                raise ProtocolError(f"a raftpay client on the peer port (clients connect to "
+                                    f"{client_port or 'the client port'})")
     theirs = _decode_peer(data)
     peer, their_nonce = theirs.get("node"), theirs.get("nonce")
     if theirs.get("p") != PROTOCOL or not isinstance(peer, str) or not isinstance(
@@ -310,6 +323,18 @@ async def _handshake(reader, writer, *, initiator: bool, my_id: str, secret: str
         key = hmac.new(secret.encode(), PROTOCOL + ni + na + ids[0].encode() + b"\0"
                        + ids[1].encode(), hashlib.sha256).digest()
     return _Channel(reader, writer, key, initiator, peer)
+
+
+def _client_refusal(data: bytes, my_id: str, client_port: str | None) -> bytes | None:
+    """The reply to `data` if it is a raftpay client's request, else None."""
+    try:
+        env = wire.decode(data)
+    except ProtocolError:
+        return None
+    where = f"its client_addr, {client_port}" if client_port else "the nodes' client_addr"
+    return wire.reply(env.id, Code.INVALID_REQUEST, message=(
+        f"node {my_id}'s peer port, for its peers; nothing was applied. Clients connect to "
+        f"{where}"))
 
 
 # --- Small pieces -----------------------------------------------------------------------------------
@@ -1336,7 +1361,7 @@ class ZkNode:
             if sock is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             chan = await _handshake(reader, writer, initiator=False, my_id=self.node_id,
-                                    secret=self._secret)
+                                    secret=self._secret, client_port=self.client_addr)
             if chan.peer_id not in self.peers:
                 raise ProtocolError(f"unknown node {chan.peer_id!r}")
             self._conns.add(chan)
