@@ -134,8 +134,9 @@ def node_init(config_path: str, rejoin: bool) -> None:
 
     A node starts only on a dir made for it: one that lost its data must come back with
     --rejoin, not as a new node (README, "A node that lost its data").  Refused (exit 1) if the
-    dir already belongs to a node or holds a node's files."""
-    from .node import FatalNodeError, init_data_dir
+    dir already belongs to a node or holds a node's files, or, without --rejoin, if a peer
+    already runs the cluster with a log."""
+    from .node import FatalNodeError, data_dir_state, init_data_dir
     cfg = _load_or_exit(config_path, "initialize")
     if rejoin and len(cfg.cluster.peers) == 1:
         # It would wait for ever for a leader to catch up from; there is nobody to ask.
@@ -144,6 +145,15 @@ def node_init(config_path: str, rejoin: bool) -> None:
                    "with `raftpay node init`)", err=True)
         sys.exit(EXIT_USAGE)
     cluster = None if rejoin else _cluster_id(cfg)
+    running = None if rejoin or data_dir_state(cfg.node.data_dir) != "empty" else \
+        _running_peer(cfg, cluster)
+    if running:
+        click.echo(f"refusing to initialize: {running} already runs this cluster with a log. A "
+                   f"node that joins it with an empty dir, new or one that lost its data, "
+                   f"must not vote before it holds what the cluster committed (an empty log's "
+                   f"vote can elect a leader that lacks it): make it with `raftpay node init "
+                   f"--rejoin --config {config_path}`", err=True)
+        sys.exit(EXIT_REFUSED)
     try:
         init_data_dir(cfg.node.data_dir, cfg.node.id, cluster,
                       sync=cfg.raft.fsync == "always", rejoin=rejoin)
@@ -234,6 +244,23 @@ def _cluster_id(cfg) -> str:
     """The cluster a new node's dir is made for, from its config (`raftpay.node.cluster_id`)."""
     from .node import cluster_id
     return cluster_id(cfg.cluster.name, [p.id for p in cfg.cluster.peers])
+
+
+def _running_peer(cfg, cluster: str) -> str | None:
+    """A peer of `cfg`'s node that answers status with a log (its commit index past 0) for
+    this cluster: "n1 (commit index 12)", or None if none does within a second each (a new
+    cluster whose nodes are made before any starts)."""
+    from .client import Client
+    for peer in cfg.other_peers:
+        try:
+            with Client(peer.client_addr, timeout_s=1, attempt_timeout_s=1) as c:
+                st = c.status(addr=peer.client_addr)
+        except codes.RaftpayError:
+            continue
+        commit = st.get("commit_index")
+        if st.get("cluster", cluster) == cluster and isinstance(commit, int) and commit > 0:
+            return f"{st.get('id', peer.id)} (commit index {commit})"
+    return None
 
 
 def _port_taken(addr: str) -> bool:

@@ -327,12 +327,11 @@ def test_what_the_machine_refuses_at_start_is_said_in_one_line(cluster, tmp_path
         other = dataclasses.replace(cfg, node=dataclasses.replace(cfg.node, data_dir=data_dir))
         path = tmp_path / f"{name}.toml"
         path.write_text(dump_toml(other))
-        if name == "port":  # a new node's dir, made as an operator makes it
-            r = subprocess.run([sys.executable, "-m", "raftpay", "node", "init", "--config",
-                                str(path)], capture_output=True, text=True, timeout=60)
-            made = rn_cluster_id(cfg.cluster.name, [p.id for p in cfg.cluster.peers])
-            assert r.returncode == 0 and (f"is node {cfg.node.id}'s in cluster "
-                                          f"{cfg.cluster.name!r} (id {made})") in r.stdout, r
+        if name == "port":  # a dir made as an operator makes one for a running cluster
+            r = subprocess.run([sys.executable, "-m", "raftpay", "node", "init", "--rejoin",
+                                "--config", str(path)], capture_output=True, text=True,
+                               timeout=60)
+            assert r.returncode == 0 and f"is node {cfg.node.id}'s to rejoin" in r.stdout, r
         r = subprocess.run([sys.executable, "-m", "raftpay", "node", "start", "--config",
                             str(path)], capture_output=True, text=True, timeout=60)
         assert r.returncode == 1, (name, r.stderr)
@@ -554,6 +553,31 @@ def test_a_node_of_another_cluster_is_refused_and_status_names_both(tmp_path):
             assert cl.create_accounts([{"id": "paid", "currency": 840}]) == [Code.OK]
             assert cl.lookup_accounts(["staged"]) == [None]
         assert node_statuses(old)["n1"]["role"] != "leader"
+
+
+def test_node_init_without_rejoin_is_refused_while_the_cluster_runs_with_a_log(
+        cluster, tmp_path):
+    """A node made anew (`node init`, no --rejoin) for a cluster that already runs with a log
+    would vote with an empty one, and a node that lost its data could so elect a leader that
+    lacks what it had acknowledged: refused, naming the peer and `--rejoin` (which is safe
+    for a node that is simply new, too).  Nothing is made."""
+    import dataclasses
+
+    from raftpay.config import dump_toml
+    cfg = cluster.configs[2]
+    other = dataclasses.replace(cfg, node=dataclasses.replace(
+        cfg.node, data_dir=str(tmp_path / "n3-anew")))
+    path = tmp_path / "n3.toml"
+    path.write_text(dump_toml(other))
+    r = subprocess.run([sys.executable, "-m", "raftpay", "node", "init", "--config",
+                        str(path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.startswith("refusing to initialize: n1 (commit "
+                                                     "index "), r.stderr
+    assert (f"already runs this cluster with a log. A node that joins it with an empty dir, new "
+            f"or one that lost its data, must not vote before it holds what the cluster "
+            f"committed") in r.stderr and \
+        f"`raftpay node init --rejoin --config {path}`" in r.stderr, r.stderr
+    assert not os.path.exists(other.node.data_dir)
 
 
 def test_node_init_refuses_what_it_cannot_do(tmp_path):
