@@ -485,6 +485,47 @@ def test_a_node_that_lost_its_data_does_not_lead_with_an_empty_log(zk_standalone
         c.close()
 
 
+def test_a_cluster_whose_every_node_lost_its_data_says_why_it_waits(zk_standalone, tmp_path):  # noqa: F811
+    """Every node's dir wiped and made anew (or a new cluster under an old one's name): the
+    in-sync set in ZooKeeper outlives the nodes and lists members that held every committed
+    batch, and now none has any.  The elected node rightly waits rather than serve an empty
+    ledger as if nothing had been committed, and says so, naming the znode to delete to start
+    empty; it waited without a word (and the benchmark's second zk cluster, under the first
+    one's name, waited out its 30 s)."""
+    import shutil
+    name = "zkb-all-wiped"
+    c = zk_cluster(tmp_path, zk_standalone, name)
+    try:
+        c.start()
+        wait_full_isr(c)
+        with Client(c.seeds) as cl:
+            assert cl.create_accounts([{"id": "gone", "currency": 840}]) == [Code.OK]
+        c.stop()
+        for i, cfg in enumerate(c.configs):
+            shutil.rmtree(cfg.node.data_dir)
+            r = subprocess.run([sys.executable, "-m", "raftpay", "node", "init", "--config",
+                                c.paths[i]], capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0, r.stderr
+        c.start()
+        words = (f"elected, but the in-sync set in ZooKeeper is n1, n2, n3: every one of them "
+                 f"answered with an empty log, so what they committed is not on any node that "
+                 f"is up. If every node of this cluster lost its data, or this is a new cluster "
+                 f"under an old one's name, nothing committed is left: delete /raftpay/{name}/isr "
+                 f"in ZooKeeper (or name the cluster anew) to start empty")
+
+        def said():
+            for cfg in c.configs:
+                with open(c.log_path(cfg.node.id)) as f:
+                    if any(words in line for line in f):
+                        return cfg.node.id
+            return None
+        wait_until(said, 20, "the elected node to say why it waits")
+        assert all((status_of(c, cfg.node.id) or {}).get("role") != "leader"
+                   for cfg in c.configs)
+    finally:
+        c.close()
+
+
 def _lagging_and_wiped(c, rejoin: bool):
     """The primary commits an account while n_behind is down; with the cluster stopped,
     n_wiped loses its disk and is made anew (`node init`, with `--rejoin` or not).  Starts

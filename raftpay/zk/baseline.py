@@ -662,6 +662,8 @@ class _Primary:
                 # holding nothing (every ISR member holds at least its primary's barrier batch).
                 ready = (isr is None or (me in isr and node.last_seq > 0)
                          or any(pid in isr and rep[1] > 0 for pid, rep in counted.items()))
+                if not ready and time.monotonic() >= grace_until:
+                    self._say_waiting_for_isr(isr, counted)
                 # Give the other live members a moment to report too, so the new ISR starts
                 # with everyone who is already up to date rather than with us alone.
                 everyone = set(reports) >= (node._members & set(self.links))
@@ -711,6 +713,28 @@ class _Primary:
             self.wake_links()
             self.maybe_commit()
             return
+
+    def _say_waiting_for_isr(self, isr: set[str], counted: dict) -> None:
+        """Once a minute while a new primary waits for an ISR member with a log: which members
+        it waits for, and, when every one answers with none, that nothing it committed is left
+        here.  A cluster whose every node lost its data, or a new cluster made under the name
+        of an old one (its ISR is still in ZooKeeper), otherwise waited without a word."""
+        node = self.node
+        empty = sorted(pid for pid in isr if pid in counted) + (
+            [node.node_id] if node.node_id in isr else [])
+        missing = sorted(isr - set(empty))
+        if missing:
+            why = (f"waiting for {', '.join(missing)} (the members that hold every committed "
+                   f"batch; {', '.join(empty) or 'none'} answered with an empty log)")
+        else:
+            why = (f"every one of them answered with an empty log, so what they committed is "
+                   f"not on any node that is up. If every node of this cluster lost its data, "
+                   f"or this is a new cluster under an old one's name, nothing committed is "
+                   f"left: delete {node._isr_path} in ZooKeeper (or name the cluster anew) to "
+                   f"start empty")
+        node._complaints.warn(("isr-empty", tuple(sorted(isr)), tuple(missing)), (
+            f"{node.node_id}: elected, but the in-sync set in ZooKeeper is "
+            f"{', '.join(sorted(isr))}: {why}"))
 
     async def _fetch(self, link: _Link, best: tuple[int, int]) -> None:
         """Pull batches from `link`'s member until our last batch is `best`."""
