@@ -71,8 +71,12 @@ def _zk_election_sections(spec: ClusterSpec) -> dict:
     if not hosts:
         raise ValueError("mode 'zk-election' needs a ZooKeeper ensemble: pass --zk-hosts "
                          "HOST:PORT[,HOST:PORT...]")
+    # A name of its own: the in-sync set lives in ZooKeeper under the cluster's name and
+    # outlives the nodes, so a new cluster under an earlier one's name would wait for that
+    # one's members to bring back what they committed (as it should, for a real cluster).
+    name = f"bench-{spec.label}-{os.urandom(4).hex()}"
     return {"mode": "zk-election", "zk": ZkConfig(hosts=hosts),
-            "raft": RaftConfig(fsync=spec.fsync)}
+            "raft": RaftConfig(fsync=spec.fsync), "name": name}
 
 
 #: mode name -> function(spec) -> keyword arguments for `LocalCluster` that select the mode.
