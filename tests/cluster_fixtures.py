@@ -74,3 +74,24 @@ def converged_hashes(cluster: LocalCluster, timeout_s: float = 20.0) -> dict[str
 
     return wait_until(same, timeout_s, "replicas to converge on one applied index and hash",
                       interval_s=0.2)
+
+
+def assert_wrong_port_answered(cluster: LocalCluster, port: str, account: str) -> None:
+    """A client given node 1's raft_addr (its `port`, as the node's message names it) is
+    answered `invalid_request` at once, naming the client port, and `account` is not made."""
+    from raftpay.codes import Code
+    cfg = cluster.configs[0]
+    t0 = time.monotonic()
+    try:
+        with Client(cfg.node.raft_addr, timeout_s=10) as c:
+            c.create_accounts([{"id": account, "currency": 1}])
+    except RaftpayError as e:
+        error = e
+    else:
+        raise AssertionError(f"{cfg.node.raft_addr} took a request")
+    assert time.monotonic() - t0 < 5
+    assert getattr(error, "code", None) == Code.INVALID_REQUEST and str(error).endswith(
+        f"node {cfg.node.id}'s {port}, for its peers; nothing was applied. Clients connect to "
+        f"its client_addr, {cfg.node.client_addr}"), str(error)
+    with Client(cluster.seeds) as c:
+        assert c.lookup_accounts([account]) == [None]
