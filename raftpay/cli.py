@@ -250,11 +250,9 @@ def _running_peer(cfg, cluster: str) -> str | None:
     """A peer of `cfg`'s node that answers status with a log (its commit index past 0) for
     this cluster: "n1 (commit index 12)", or None if none does within a second each (a new
     cluster whose nodes are made before any starts)."""
-    from .client import Client
     for peer in cfg.other_peers:
         try:
-            with Client(peer.client_addr, timeout_s=1, attempt_timeout_s=1) as c:
-                st = c.status(addr=peer.client_addr)
+            st = _node_status(peer.client_addr, 1.0)
         except codes.RaftpayError:
             continue
         commit = st.get("commit_index")
@@ -363,14 +361,11 @@ class LocalCluster:
 
     def wait_for_leader(self, timeout_s: float = 20.0) -> str:
         """Blocks until a node reports itself leader; returns its client address."""
-        from .client import Client
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             for addr in self.client_addrs:
                 try:
-                    with Client(addr, timeout_s=0.5, attempt_timeout_s=0.5) as c:
-                        st = c.status(addr=addr)
-                    if st.get("role") == "leader":
+                    if _node_status(addr, 0.5).get("role") == "leader":
                         return addr
                 except codes.RaftpayError:
                     pass
@@ -528,10 +523,17 @@ def status(cluster: str | None, as_json: bool) -> None:
         sys.exit(EXIT_UNAVAILABLE)
 
 
+def _node_status(addr: str, timeout_s: float) -> dict:
+    """The status of the node at client address `addr` itself (no redirect), within
+    `timeout_s`; raises `RaftpayError`."""
+    from .client import Client
+    with Client(addr, timeout_s=timeout_s, attempt_timeout_s=timeout_s) as c:
+        return c.status(addr=addr)
+
+
 def _status_rows(seeds: list[str]) -> list[dict]:
     """Each node's status, from the seeds and every member a node names (its config's client
     addresses), so one seed shows the whole cluster; by node id, then address."""
-    from .client import Client
     rows: dict[str, dict] = {}  # node id (address while unknown) -> row
     names: dict[str, str] = {}  # client address -> node id, as the members lists give them
     todo, asked = list(seeds), set()
@@ -541,8 +543,7 @@ def _status_rows(seeds: list[str]) -> list[dict]:
             continue
         asked.add(addr)
         try:
-            with Client(addr, timeout_s=2, attempt_timeout_s=2) as c:
-                row = dict(c.status(addr=addr), address=addr)
+            row = dict(_node_status(addr, 2.0), address=addr)
         except codes.RaftpayError as e:
             row = {"address": addr, "role": "unreachable", "error": str(e)}
         members = row.get("members")

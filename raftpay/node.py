@@ -1295,27 +1295,21 @@ class _RaftpayConnection(TcpConnection):
         `invalid_request` naming the client port, best effort, before the connection closes.
         Closed without an answer, the client could not tell that nothing was applied: it
         retried for its whole deadline and reported the write's outcome as unknown."""
-        try:
-            (n,) = wire.PREFIX.unpack_from(data)
-            env = wire.decode(data[4:4 + n]) if len(data) >= 4 + n else None
-        except (wire.ProtocolError, struct.error):
-            return
-        if env is None:
+        (n,) = wire.PREFIX.unpack_from(data)  # the caller saw 5 bytes or more
+        if len(data) < 4 + n:
             return  # not all of it yet: the close says enough
         owner = getattr(getattr(self.rp_transport, "_syncObj", None), "_rp_owner", None)
         if owner is None:
-            where = "a raftpay node's Raft port"
-            port = "to the nodes' client_addr"
+            frame = wire.wrong_port_reply(data[4:4 + n], "a raftpay node's Raft port", None)
         else:
-            where = f"node {owner.node_id}'s Raft port ({owner.raft_addr})"
-            port = f"to its client_addr, {owner.client_addr}" if owner.client_addr else \
-                "to the nodes' client_addr"
-        try:
-            self._TcpConnection__socket.send(wire.reply(
-                env.id, Code.INVALID_REQUEST, message=f"{where}, for its peers; nothing was "
-                f"applied. Clients connect {port}"))
-        except OSError:
-            pass
+            frame = wire.wrong_port_reply(
+                data[4:4 + n], f"node {owner.node_id}'s Raft port ({owner.raft_addr})",
+                owner.client_addr)
+        if frame is not None:
+            try:
+                self._TcpConnection__socket.send(frame)
+            except OSError:
+                pass
 
     def _rp_cluster_refusal(self, cluster: bytes) -> str | None:
         """Why a frame stamped with `cluster` is refused, None if it is not.  A node reads the
@@ -1464,7 +1458,7 @@ class _RaftpayTransport(TCPTransport):
         CPU) kept every entry since it fell behind in the leader's memory (scratch: 8k batches,
         a follower stopped 5/6 of the time, the leader 376-573 MB above its healthy follower
         at worst in 45 s; 28-51 MB with this).  The entries stay unsent: nextIndex goes back to
-        the first of them, and past the log for the rest of the round (`rp_paused`, as for a
+        the first of them, and past the log for the rest of the round (`rp_pause`, as for a
         snapshot's chunks), so a later round sends them once what waits has drained.  An entry
         too large for one message goes in chunks: held back at its "start", with the rest of
         its chunks in this round."""
@@ -1481,9 +1475,7 @@ class _RaftpayTransport(TCPTransport):
         conn = self._connections.get(node)
         if conn is None or conn.getSendBufferSize() < RP_APPEND_BACKLOG_BYTES:
             return False
-        so = self._syncObj
-        so._SyncObj__serializer.rp_paused.setdefault(node, first)
-        so._SyncObj__raftNextIndex[node] = so.rp_last_index() + 1
+        self._syncObj._SyncObj__serializer.rp_pause(node, first)
         return True
 
     def _rp_send(self, node, message):
@@ -1831,8 +1823,7 @@ class _RaftpaySerializer(Serializer):
                 or self.rp_round_bytes.get(transmissionID, 0) >= self.RP_TRANSMIT_ROUND_BYTES):
             nxt = self.rp_so._SyncObj__raftNextIndex
             if transmissionID in nxt:
-                self.rp_paused.setdefault(transmissionID, nxt[transmissionID])
-                nxt[transmissionID] = self.rp_so.rp_last_index() + 1
+                self.rp_pause(transmissionID, nxt[transmissionID])
             return None  # upstream sends a "nothing yet" and keeps the transmission's place
         data = super().getTransmissionData(transmissionID)
         if data is False:
@@ -1855,6 +1846,13 @@ class _RaftpaySerializer(Serializer):
                 self.rp_out_end[transmissionID] = t["transmitted"]
             data = ((offset, chunk), is_first, is_last)
         return data
+
+    def rp_pause(self, node, resume_at: int) -> None:
+        """Send `node` nothing more in this round, and resume at log index `resume_at` in the
+        next: its nextIndex goes past the log (upstream's round then has nothing for it) until
+        `rp_round_end` puts `resume_at` back.  The first pause of a round keeps its index."""
+        self.rp_paused.setdefault(node, resume_at)
+        self.rp_so._SyncObj__raftNextIndex[node] = self.rp_so.rp_last_index() + 1
 
     def rp_round_start(self) -> None:
         self.rp_round_bytes.clear()
@@ -3158,8 +3156,9 @@ class Node:
             so.rp_ping_peers()
         if now >= self._next_peer_check:
             self._next_peer_check = now + 1.0
-            self._check_peers(so, now)
-            self._check_leader(so, now)
+            peers = so.rp_peers()
+            self._check_peers(so, peers, now)
+            self._check_leader(so, peers, now)
             if so.rp_abstain and so.raftCurrentTerm > 0 and so.rp_committed_in_term():
                 self._end_rejoin(so)  # (term 0: the journal's first entry, no leader's)
         so.rp_compact_if_due_by_bytes()
@@ -3186,7 +3185,7 @@ class Node:
         log.info("%s: caught up after rejoining (commit index %d, term %d): votes again",
                  self.node_id, so.raftCommitIndex, so.raftCurrentTerm)
 
-    def _check_leader(self, so: _RaftpaySyncObj, now: float) -> None:
+    def _check_leader(self, so: _RaftpaySyncObj, peers: dict, now: float) -> None:
         """With no leader for PEER_DOWN_REPORT_S, say why none can be elected, once per
         PEER_COMPLAINT_INTERVAL_S while it lasts: whose votes a leader needs and which members
         cannot give one (not connected, or rejoining after losing their data: a cluster whose
@@ -3207,7 +3206,7 @@ class Node:
                           f"does not vote until a leader has brought it up to date")
         else:
             voters.append(self.node_id)
-        by_id = {self._addr_to_id.get(addr, addr): (addr, p) for addr, p in so.rp_peers().items()}
+        by_id = {self._addr_to_id.get(addr, addr): (addr, p) for addr, p in peers.items()}
         for peer, (addr, p) in sorted(by_id.items()):
             if not p["connected"]:
                 cannot.append(f"{peer} is not connected")
@@ -3225,13 +3224,14 @@ class Node:
         log.warning("%s: no leader for %.0f s: a leader needs the votes of %d of the %d "
                     "members, and %s", self.node_id, lasted, need, members, why)
 
-    def _check_peers(self, so: _RaftpaySyncObj, now: float) -> None:
+    def _check_peers(self, so: _RaftpaySyncObj, peers: dict, now: float) -> None:
         """Name a peer this node has had no Raft connection to for PEER_DOWN_REPORT_S, once
         per PEER_COMPLAINT_INTERVAL_S while it lasts, and say when it is back.  Status shows
         `connected: false`, but a cluster that never forms (a peer down, listed at the wrong
         address, or with another secret) otherwise left no trace in any node's log.  The
-        message says who dials whom, which is where a wrong address shows."""
-        for addr, p in so.rp_peers().items():
+        message says who dials whom, which is where a wrong address shows.  `peers`:
+        `so.rp_peers()`."""
+        for addr, p in peers.items():
             peer = self._addr_to_id.get(addr, addr)
             if p["connected"]:
                 lasted = self._lasting.over(("down", addr), now)

@@ -151,6 +151,19 @@ def peek(payload: bytes) -> tuple[str, int] | None:
     return head[3], head[5]
 
 
+def wrong_port_reply(payload: bytes, port: str, client_addr: str | None) -> bytes | None:
+    """The reply to `payload` if it is a client's request sent to a node's `port` for its
+    peers (e.g. "node n1's Raft port"): `invalid_request`, saying nothing was applied and
+    where clients connect (`client_addr`, if known).  None if it is no request.  Pure."""
+    try:
+        env = decode(payload)
+    except ProtocolError:
+        return None
+    where = f"its client_addr, {client_addr}" if client_addr else "the nodes' client_addr"
+    return reply(env.id, Code.INVALID_REQUEST, message=(
+        f"{port}, for its peers; nothing was applied. Clients connect to {where}"))
+
+
 def reply(id: int, code: int, /, **fields: Any) -> bytes:
     """The frame of a reply to request `id`: body `{"code": int(code), **fields}`.
 

@@ -305,7 +305,7 @@ async def _handshake(reader, writer, *, initiator: bool, my_id: str, secret: str
         if data is None:
             raise ConnectionError("closed during the handshake")
         if not initiator:
-            refusal = _client_refusal(data, my_id, client_port)
+            refusal = wire.wrong_port_reply(data, f"node {my_id}'s peer port", client_port)
             writer.write(refusal or hello)
             await writer.drain()
             if refusal:
@@ -323,18 +323,6 @@ async def _handshake(reader, writer, *, initiator: bool, my_id: str, secret: str
         key = hmac.new(secret.encode(), PROTOCOL + ni + na + ids[0].encode() + b"\0"
                        + ids[1].encode(), hashlib.sha256).digest()
     return _Channel(reader, writer, key, initiator, peer)
-
-
-def _client_refusal(data: bytes, my_id: str, client_port: str | None) -> bytes | None:
-    """The reply to `data` if it is a raftpay client's request, else None."""
-    try:
-        env = wire.decode(data)
-    except ProtocolError:
-        return None
-    where = f"its client_addr, {client_port}" if client_port else "the nodes' client_addr"
-    return wire.reply(env.id, Code.INVALID_REQUEST, message=(
-        f"node {my_id}'s peer port, for its peers; nothing was applied. Clients connect to "
-        f"{where}"))
 
 
 # --- Small pieces -----------------------------------------------------------------------------------
