@@ -139,6 +139,7 @@ class _Core:
         last_problem = "no attempt made"
         answered = False  # a node answered with a code we retry on
         seq = None
+        attempts, packed = 0, None
         while True:
             if kind == "submit" and self.use_session and self.session is None:
                 reg = yield from self.call("register_session", {})
@@ -147,17 +148,23 @@ class _Core:
                 seq = self._next_seq
                 self._next_seq += 1
                 self._outstanding.add(seq)
-            send_body = body
+            extra = None
             if seq is not None:
                 ack = min(self._outstanding) if self._outstanding else self._next_seq
-                send_body = dict(body, session=self.session, seq=seq, ack=ack)
+                extra = {"session": self.session, "seq": seq, "ack": ack}
             target = addr or self._pick()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             rid = next(self._rids) & wire.U64_MAX
             try:
-                frame = wire.encode(kind, rid, send_body)
+                # The first attempt packs the body with its envelope (the cheaper way for small
+                # bodies); a retry packs it once more, and every later retry only copies it.
+                if attempts == 1:
+                    packed = wire.PackedBody(body)
+                frame = (wire.encode(kind, rid, dict(body, **extra) if extra else body)
+                         if packed is None else wire.encode_packed(kind, rid, packed, extra))
+                attempts += 1
             except Exception:
                 # Misuse (a value the protocol cannot carry, a frame over the limit): raised to
                 # the caller before anything was sent, so the request gives its seq back; held,

@@ -138,6 +138,42 @@ def test_a_request_refused_before_sending_gives_its_seq_back():
     assert not core._outstanding
 
 
+def test_a_retried_write_is_packed_at_most_twice_and_sent_with_its_session_fields(monkeypatch):
+    """An `overloaded` leader is retried with the same body under a new request id each time.
+    The body is packed by the first attempt and once more for the retries, whatever their
+    number (a large batch costs ms to pack), and each frame still carries the session's current
+    ack: it moves up when an earlier request of the session ends."""
+    packs = []
+    real_encode, real_packed = wire.encode, wire.PackedBody
+    monkeypatch.setattr(wire, "encode", lambda type, *a, **k: (
+        type == "submit" and packs.append("encode")) or real_encode(type, *a, **k))
+    monkeypatch.setattr(wire, "PackedBody", lambda b: packs.append("body") or real_packed(b))
+    core = _core(use_session=True)
+    core.session = 7
+    first = core.call("submit", {"events": [{"op": "create_account", "id": 1}]})
+    first_step = next(first)
+    packs.clear()
+    body = {"events": [{"op": "create_account", "id": 2}]}
+    gen = core.call("submit", body)
+    step, sent = next(gen), []
+    while len(sent) < 6:
+        if isinstance(step, rc._Sleep):
+            step = gen.send(None)
+            continue
+        env = wire.decode(step.frame[wire.PREFIX_BYTES:])
+        sent.append(env)
+        if len(sent) == 3:  # the session's first request ends: its ack moves past it
+            with pytest.raises(StopIteration):
+                first.send(_reply(first_step, Code.OK, results=[0]))
+        step = gen.send(_reply(step, Code.OVERLOADED, message="queue full"))
+    gen.close()
+    assert packs == ["encode", "body"]
+    assert len({env.id for env in sent}) == 6
+    assert [env.body["ack"] for env in sent] == [1, 1, 1, 2, 2, 2]
+    for env in sent:
+        assert env.body == dict(body, session=7, seq=2, ack=env.body["ack"])
+
+
 # --- the async client's connection (`_AsyncConn`), over a recording transport ------------------
 
 class _Transport:

@@ -96,6 +96,39 @@ def test_encode_refuses_misuse_and_oversized_frames():
         wire.encode("submit", 1, {"events": [{"blob": b"x" * 2000}]}, max_bytes=1000)
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(wire.REQUEST_TYPES), st.integers(0, 2**64 - 1),
+       st.dictionaries(st.text(max_size=6), st.deferred(lambda: msgpack_values), max_size=20),
+       st.data())
+def test_a_packed_body_encodes_byte_for_byte_as_encode_does(type_, id_, body, data):
+    """A client's retry sends the body packed once (`PackedBody`) with its extra keys; the
+    frame is exactly `encode`'s, whatever the values and however the keys split (map headers
+    change size at 16 keys)."""
+    extra_keys = data.draw(st.sets(st.sampled_from(sorted(body)) if body else st.nothing()))
+    base = {k: v for k, v in body.items() if k not in extra_keys}
+    extra = {k: v for k, v in body.items() if k in extra_keys}
+    assert wire.encode_packed(type_, id_, wire.PackedBody(base), extra) == \
+        wire.encode(type_, id_, {**base, **extra})
+
+
+def test_encode_packed_refuses_what_encode_refuses():
+    packed = wire.PackedBody({"events": [{"op": "x"}]})
+    with pytest.raises(ValueError, match="id must be"):
+        wire.encode_packed("submit", 2**64, packed)
+    with pytest.raises(TypeError, match="type must be str"):
+        wire.encode_packed(b"submit", 1, packed)
+    with pytest.raises(TypeError, match="body must be a dict"):
+        wire.PackedBody([("events", [])])
+    with pytest.raises(ValueError, match=r"request body holds an integer outside"):
+        wire.PackedBody({"events": [{"amount": 2**64}]})
+    with pytest.raises(ValueError, match=r"submit body holds an integer outside"):
+        wire.encode_packed("submit", 1, packed, {"ack": -2**63 - 1})
+    with pytest.raises(ValueError, match=r"extra keys \['events'\] are in the body already"):
+        wire.encode_packed("submit", 1, packed, {"events": [], "ack": 1})
+    with pytest.raises(FrameTooLarge):
+        wire.encode_packed("submit", 1, wire.PackedBody({"blob": b"x" * 2000}), max_bytes=1000)
+
+
 # --- Envelope errors ------------------------------------------------------------------------------
 
 BAD_PAYLOADS = [
