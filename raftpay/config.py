@@ -72,6 +72,9 @@ class RaftConfig:
     heartbeat_ms: int = 100
     max_entry_bytes: int = 4 * 1024 * 1024  # bound on one Raft entry built by group commit
     append_entries_batch_bytes: int = 2 * 1024 * 1024
+    # A leader sends a follower no more entries while this many wait unsent for it (a follower
+    # slower than the writes), instead of keeping every entry since it fell behind in memory.
+    append_backlog_bytes: int = 16 * 1024 * 1024
     # Snapshot the ledger and drop the journal's entries once it holds this many, or once
     # they take this many bytes; either way not before they take as many bytes as the
     # snapshot that would replace them.
@@ -193,6 +196,8 @@ ALLOWED: dict[str, str] = {
     "raft.heartbeat_ms": "a positive integer (milliseconds), less than a third of election_timeout_ms",
     "raft.max_entry_bytes": "a positive integer (bytes)",
     "raft.append_entries_batch_bytes": "a positive integer (bytes)",
+    "raft.append_backlog_bytes": "a positive integer (bytes of entries a leader lets wait "
+                                 "unsent for one follower)",
     "raft.log_compaction_entries": "a positive integer (log entries kept before a snapshot "
                                    "replaces them)",
     "raft.log_compaction_bytes": "a positive integer (bytes of log entries kept before a "
@@ -513,6 +518,7 @@ def _problems(cfg: NodeConfig) -> list[tuple[str, str]]:
                                  f"({r.election_timeout_ms})")
     positive("raft.max_entry_bytes", r.max_entry_bytes)
     positive("raft.append_entries_batch_bytes", r.append_entries_batch_bytes)
+    positive("raft.append_backlog_bytes", r.append_backlog_bytes)
     positive("raft.log_compaction_entries", r.log_compaction_entries)
     positive("raft.log_compaction_bytes", r.log_compaction_bytes)
 

@@ -965,8 +965,9 @@ PEER_DOWN_REPORT_S = 10.0
 SLOW_SYNC_S = 0.5
 _I32 = struct.Struct("i")  # upstream's length prefix: a native int
 #: Entries for a follower wait in the leader's memory up to about this much (plus the socket's
-#: own buffer and one message) before the leader holds back the next (`_rp_held_back`).  A
-#: follower that keeps up never has more than the entry in flight waiting.
+#: own buffer and one message) before the leader holds back the next (`_rp_held_back`), unless
+#: `Node(append_backlog_bytes=...)` says otherwise.  A follower that keeps up never has more
+#: than the entry in flight waiting.
 RP_APPEND_BACKLOG_BYTES = 16 * 1024 * 1024
 #: With a secret, a connection's first frame (read before anything on it has authenticated)
 #: is at most this long (`_rp_parse`); later frames, after one from a peer that holds the
@@ -1452,7 +1453,7 @@ class _RaftpayTransport(TCPTransport):
 
     def _rp_held_back(self, node, message) -> bool:
         """Flow control: True, and this follower's round paused, if the message carries log
-        entries and RP_APPEND_BACKLOG_BYTES already wait unsent for it.  Upstream sends every
+        entries and `append_backlog_bytes` already wait unsent for it.  Upstream sends every
         entry past a follower's nextIndex in each round, and the socket takes only what the
         follower reads: a follower alive but slower than the writes (a slow disk, a starved
         CPU) kept every entry since it fell behind in the leader's memory (scratch: 8k batches,
@@ -1473,15 +1474,15 @@ class _RaftpayTransport(TCPTransport):
         else:
             return node in self._syncObj._SyncObj__serializer.rp_paused
         conn = self._connections.get(node)
-        if conn is None or conn.getSendBufferSize() < RP_APPEND_BACKLOG_BYTES:
+        if conn is None or conn.getSendBufferSize() < self._syncObj._rp_backlog_bytes:
             return False
         self._syncObj._SyncObj__serializer.rp_pause(node, first)
         return True
 
     def _rp_send(self, node, message):
         so = self._syncObj
-        ok = super().send(node, message)
         conn = self._connections.get(node)
+        ok = super().send(node, message)
         if ok and conn is not None and conn.getSendBufferSize():
             # The socket took only part of the message.  Upstream sends the rest only when it
             # next sends to this node (a heartbeat, up to a period later): a large entry then
@@ -1902,8 +1903,10 @@ class _RaftpaySyncObj(SyncObj):
 
     def __init__(self, owner, self_addr: str, other_addrs: list[str], conf: SyncObjConf,
                  journal_path: str, fsync: bool, poller: _LoopPoller | None = None,
-                 compaction_bytes: int = LOG_COMPACTION_BYTES, cluster: str | None = None):
+                 compaction_bytes: int = LOG_COMPACTION_BYTES, cluster: str | None = None,
+                 append_backlog_bytes: int = RP_APPEND_BACKLOG_BYTES):
         assert not conf.autoTick, "the adapter must own the tick thread"
+        self._rp_backlog_bytes = append_backlog_bytes  # the transport's flow control
         # The transport's (`rp_cluster`), which its __init__ reads; None: not known yet.
         self._rp_cluster = NO_CLUSTER if cluster is None else bytes.fromhex(cluster)
         self._rp_poller = poller  # None: upstream's own (a thread that ticks with a timeout)
@@ -2535,9 +2538,12 @@ class Node:
     survives a process kill, not a power loss of a majority).  `election_timeout_ms` sets the
     election timeout (randomised in [t, 2t]); heartbeats go every `heartbeat_ms` (default t/10)
     and a leader without a majority steps down after t.  An entry larger than
-    `append_entries_batch_bytes` is sent in chunks.  `on_apply(index, ts, replies)` runs on the
-    Raft thread after each ledger entry is applied on this replica (any role).  `ledger_cls`
-    defaults to `raftpay.ledger.Ledger` (`ledger_cls(session_ttl_ms=...)`, `.restore(bytes)`).
+    `append_entries_batch_bytes` is sent in chunks; once `append_backlog_bytes` of entries wait
+    unsent for a follower (one slower than the writes), the leader sends it no more until they
+    drain, rather than hold every entry since it fell behind in memory.  `on_apply(index, ts,
+    replies)` runs on the Raft thread after each ledger entry is applied on this replica (any
+    role).  `ledger_cls` defaults to `raftpay.ledger.Ledger` (`ledger_cls(session_ttl_ms=...)`,
+    `.restore(bytes)`).
 
     Every `log_compaction_min_entries` entries the node snapshots the ledger and drops the
     journal entries the snapshot covers.  With `snapshot_in_background` (the default) a forked
@@ -2575,7 +2581,8 @@ class Node:
                  snapshot_delay_s: float = 0.0, freeze_heap: bool = False,
                  log_compaction_min_bytes: int = LOG_COMPACTION_BYTES,
                  new_data_dir: bool = True, cluster_name: str = "local",
-                 client_addr: str | None = None):
+                 client_addr: str | None = None,
+                 append_backlog_bytes: int = RP_APPEND_BACKLOG_BYTES):
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync must be one of {FSYNC_POLICIES}, not {fsync!r}")
         if heartbeat_ms is None:
@@ -2588,6 +2595,8 @@ class Node:
             raise ValueError("append_entries_batch_bytes must be positive")
         if log_compaction_min_bytes <= 0:
             raise ValueError("log_compaction_min_bytes must be positive")
+        if append_backlog_bytes <= 0:
+            raise ValueError("append_backlog_bytes must be positive")
         if node_id in peers:
             raise ValueError(f"peers must list the other nodes only, not {node_id!r} itself")
         addrs = [raft_addr, *peers.values()]
@@ -2607,6 +2616,7 @@ class Node:
         self._election_timeout_s = election_timeout_ms / 1000
         self._heartbeat_s = heartbeat_ms / 1000
         self._batch_bytes = append_entries_batch_bytes
+        self._backlog_bytes = append_backlog_bytes
         self._session_ttl_ms = session_ttl_ms
         self._on_apply = on_apply
         self._propose_timeout_s = propose_timeout_s
@@ -2733,7 +2743,8 @@ class Node:
                                  fsync=self.fsync == "always",
                                  poller=(_LoopPoller(loop, self._schedule_tick, self._set_fatal)
                                          if loop else None),
-                                 compaction_bytes=self._compaction_bytes, cluster=cluster)
+                                 compaction_bytes=self._compaction_bytes, cluster=cluster,
+                                 append_backlog_bytes=self._backlog_bytes)
         except pysyncobj.SyncObjException as e:
             # Upstream creates the journal before it binds.  A first start that cannot bind
             # leaves the dir as it found it: an empty journal without its term/vote file would

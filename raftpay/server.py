@@ -758,6 +758,7 @@ async def serve(cfg, *, stop: asyncio.Event | None = None, on_ready=None) -> Non
                 election_timeout_ms=cfg.raft.election_timeout_ms,
                 heartbeat_ms=cfg.raft.heartbeat_ms,
                 append_entries_batch_bytes=cfg.raft.append_entries_batch_bytes,
+                append_backlog_bytes=cfg.raft.append_backlog_bytes,
                 log_compaction_min_entries=cfg.raft.log_compaction_entries,
                 log_compaction_min_bytes=cfg.raft.log_compaction_bytes,
                 session_ttl_ms=cfg.ledger.session_ttl_ms,

@@ -149,6 +149,8 @@ BAD = [
     ("election zero", set_("raft", "election_timeout_ms", 0), "raft.election_timeout_ms",
      ["got 0", "a positive integer"]),
     ("entry bytes", set_("raft", "max_entry_bytes", -1), "raft.max_entry_bytes", ["got -1"]),
+    ("backlog bytes", set_("raft", "append_backlog_bytes", 0), "raft.append_backlog_bytes",
+     ["got 0", "bytes of entries a leader lets wait unsent for one follower"]),
     ("compaction bytes", set_("raft", "log_compaction_bytes", 0), "raft.log_compaction_bytes",
      ["got 0", "a positive integer (bytes of log entries"]),
     ("frame bytes", set_("server", "max_frame_bytes", 2**32), "server.max_frame_bytes",

@@ -97,7 +97,8 @@ def bare_pair(tmp_path):
         o.destroy()
 
 
-def _rp_pair(tmp_path, batch_bytes=2 ** 21, socket_buffer_bytes=2 ** 22, clusters=(None, None)):
+def _rp_pair(tmp_path, batch_bytes=2 ** 21, socket_buffer_bytes=2 ** 22, clusters=(None, None),
+             backlog_bytes=rn.RP_APPEND_BACKLOG_BYTES):
     objs = []
     addrs = free_addrs(2)
     for i, (addr, cluster) in enumerate(zip(addrs, clusters)):
@@ -110,7 +111,8 @@ def _rp_pair(tmp_path, batch_bytes=2 ** 21, socket_buffer_bytes=2 ** 22, cluster
                              log_compaction_min_entries=100_000,
                              serializer=owner._begin_snapshot, deserializer=owner._read_snapshot)
         so = rn._RaftpaySyncObj(owner, addr, [a for a in addrs if a != addr], conf,
-                                str(d / rn.JOURNAL_FILE), fsync=True, cluster=cluster)
+                                str(d / rn.JOURNAL_FILE), fsync=True, cluster=cluster,
+                                append_backlog_bytes=backlog_bytes)
         objs.append(so)
     return objs
 
@@ -614,14 +616,14 @@ def test_a_slow_journal_sync_is_named_once_a_minute(rp_pair, monkeypatch, caplog
 
 @pytest.mark.parametrize("size", [40_000, 100_000])  # two entries a message; in chunks
 def test_a_leader_holds_entries_back_from_a_follower_that_reads_slower_than_it_writes(
-        tmp_path, monkeypatch, size):
+        tmp_path, size):
     """Upstream sends each round every entry past a follower's nextIndex, and what the socket
     does not take waits in the leader's memory: a follower alive but slower than the writes
     kept every entry since it fell behind there (hundreds of MB in a scratch run).  Past
-    RP_APPEND_BACKLOG_BYTES waiting, the leader sends it nothing more until that drains, and
+    `append_backlog_bytes` waiting, the leader sends it nothing more until that drains, and
     then everything it held back: the follower ends with the leader's log, in order."""
-    monkeypatch.setattr(rn, "RP_APPEND_BACKLOG_BYTES", 256 * 1024)
-    pair = _rp_pair(tmp_path, batch_bytes=64 * 1024, socket_buffer_bytes=64 * 1024)
+    pair = _rp_pair(tmp_path, batch_bytes=64 * 1024, socket_buffer_bytes=64 * 1024,
+                    backlog_bytes=256 * 1024)
     try:
         leader, follower = _leader_follower(pair)
         conn = leader._SyncObj__transport._connections[follower._SyncObj__selfNode]
