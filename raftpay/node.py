@@ -1482,6 +1482,16 @@ class _RaftpayTransport(TCPTransport):
     def _rp_send(self, node, message):
         so = self._syncObj
         conn = self._connections.get(node)
+        if conn is not None and conn.encryptor and conn.sendRandKey is None:
+            # A connection we dialed, its key exchange not finished (the peer's key not back
+            # yet): upstream sends once TCP connects, so a message would go without the key
+            # and the peer drop the connection, to be dialed again after connectionRetryTime
+            # (a busy or stopped peer's pre-votes and heartbeats kept a follower cut off for
+            # 10-15 s at a time).  To Raft it is a message lost on the way.  Upstream checks a
+            # connection's read timeout when it sends: so does this, or a key that never comes
+            # back (a partition) would hold the connection open, and unused, for good.
+            conn._TcpConnection__processConnectionTimeout()
+            return False
         ok = super().send(node, message)
         if ok and conn is not None and conn.getSendBufferSize():
             # The socket took only part of the message.  Upstream sends the rest only when it
