@@ -12,4 +12,9 @@ project's own clients from separate load-generator processes, and writes what it
 * `bare` — the bare-PySyncObj ceiling measured in the same run.
 * `profiling` — py-spy on the leader, summarised.
 * `report` — JSON, markdown, plots, the targets of issue 4.
+
+Tools of their own: `paired` (raftpay against the echo ceiling, alternated), `soak` (leader
+kills under load, every payment checked), `stress` (a slow follower and a flood of batches:
+the leader's memory and what clients are told), `ledger_bench`, `snapshot_bench`,
+`fsync_probe`.
 """

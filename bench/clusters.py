@@ -40,7 +40,8 @@ def free_ports(n: int) -> list[int]:
 @dataclass(frozen=True)
 class ClusterSpec:
     """What to start.  `mode` is a key of `MODES`; `options` carries mode-specific settings (for
-    "zk-election": ``zk_hosts``)."""
+    "zk-election": ``zk_hosts``) and, under ``raft``, `RaftConfig` fields as (key, value) pairs
+    (``("raft", (("append_backlog_bytes", 2**32),))``)."""
 
     nodes: int = 3
     fsync: str = "always"
@@ -56,9 +57,13 @@ class ClusterSpec:
         return dict(self.options).get(key, default)
 
 
-def _raft_sections(spec: ClusterSpec) -> dict:
+def _raft_config(spec: ClusterSpec):
     from raftpay.config import RaftConfig
-    return {"raft": RaftConfig(fsync=spec.fsync)}
+    return RaftConfig(fsync=spec.fsync, **dict(spec.option("raft", ())))
+
+
+def _raft_sections(spec: ClusterSpec) -> dict:
+    return {"raft": _raft_config(spec)}
 
 
 def _zk_election_sections(spec: ClusterSpec) -> dict:
@@ -66,7 +71,7 @@ def _zk_election_sections(spec: ClusterSpec) -> dict:
     `python -m bench` starts a 3-server ensemble of its own unless ``--zk-hosts`` names one.
     The node's own zk-election server does the rest (`raftpay node start` dispatches on
     `[node] mode`)."""
-    from raftpay.config import RaftConfig, ZkConfig
+    from raftpay.config import ZkConfig
     hosts = spec.option("zk_hosts")
     if not hosts:
         raise ValueError("mode 'zk-election' needs a ZooKeeper ensemble: pass --zk-hosts "
@@ -76,7 +81,7 @@ def _zk_election_sections(spec: ClusterSpec) -> dict:
     # one's members to bring back what they committed (as it should, for a real cluster).
     name = f"bench-{spec.label}-{os.urandom(4).hex()}"
     return {"mode": "zk-election", "zk": ZkConfig(hosts=hosts),
-            "raft": RaftConfig(fsync=spec.fsync), "name": name}
+            "raft": _raft_config(spec), "name": name}
 
 
 #: mode name -> function(spec) -> keyword arguments for `LocalCluster` that select the mode.
@@ -84,6 +89,42 @@ MODES: dict[str, Callable[[ClusterSpec], dict]] = {
     "raft": _raft_sections,
     "zk-election": _zk_election_sections,
 }
+
+
+def replica_hashes(addr_of: dict[str, str], timeout_s: float = 30.0) -> dict[str, str]:
+    """{node id: state hash (16 hex digits)} once every node in `addr_of` (id -> client
+    address) answers at one applied index with one hash; at the deadline, what each answered
+    last (a node that never answered is missing).  Equal values for every node: the replicas
+    agree.
+
+    The nodes are asked at once: an idle leader appends a tick entry every second, and hashing
+    a ledger of millions of transfers takes ~0.5 s, so nodes asked one after the other were
+    never seen at one index (`bench.stress` reported replicas that did not agree)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ask(addr: str) -> dict | None:
+        try:
+            with Client(addr, timeout_s=5, attempt_timeout_s=5) as c:
+                return c.status(addr=addr, state_hash=True)
+        except RaftpayError:
+            return None
+
+    seen: dict[str, str] = {}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        applied = {}
+        with ThreadPoolExecutor(len(addr_of)) as pool:
+            answers = dict(zip(addr_of, pool.map(ask, addr_of.values())))
+        for node_id, st in answers.items():
+            if st is not None:
+                seen[node_id] = st["state_hash"][:16]
+                applied[node_id] = st["applied_index"]
+        if len(applied) == len(addr_of) and len(set(applied.values())) == 1 \
+                and len({seen[n] for n in addr_of}) == 1:
+            return seen
+        if time.monotonic() >= deadline:
+            return seen
+        time.sleep(0.2)
 
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -97,6 +138,18 @@ def proc_cpu_s(pid: int) -> float | None:
         return (int(fields[11]) + int(fields[12])) / _CLK_TCK
     except (OSError, IndexError, ValueError):
         return None
+
+
+def proc_rss_mb(pid: int) -> float | None:
+    """A process's resident memory in MiB (Linux /proc), None if unknown."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def machine_busy_s() -> float | None:

@@ -22,9 +22,9 @@ import time
 
 from raftpay.cli import LocalCluster
 from raftpay.client import AsyncClient, Client
-from raftpay.codes import Code, OutcomeUnknown, RaftpayError, Unavailable
+from raftpay.codes import Code, OutcomeUnknown, Unavailable
 from raftpay.config import RaftConfig
-from bench.clusters import free_ports
+from bench.clusters import free_ports, replica_hashes
 
 ACCOUNTS = 16
 
@@ -133,22 +133,7 @@ def main(argv=None) -> int:
                 while cursor is not None:
                     page, cursor = c.account_transfers(f"acc-{i}", limit=10_000, cursor=cursor)
                     seen += sum(1 for tr in page if tr["debit_account_id"] == f"acc-{i}")
-        # Every replica on one state hash.
-        hashes = {}
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            st = {}
-            for cfg in cluster.configs:
-                try:
-                    with Client(cfg.node.client_addr, timeout_s=2) as c:
-                        st[cfg.node.id] = c.status(addr=cfg.node.client_addr, state_hash=True)
-                except RaftpayError:
-                    pass
-            if len(st) == args.nodes and len({s["applied_index"] for s in st.values()}) == 1 \
-                    and len({s["state_hash"] for s in st.values()}) == 1:
-                hashes = {k: s["state_hash"][:16] for k, s in st.items()}
-                break
-            time.sleep(0.2)
+        hashes = replica_hashes({c.node.id: c.node.client_addr for c in cluster.configs})
         truncations = 0
         for cfg in cluster.configs:
             with open(cluster.log_path(cfg.node.id), errors="replace") as f:

@@ -352,6 +352,32 @@ def test_a_short_soak_passes_its_checks_and_keeps_its_data_only_when_asked(
     assert {"n1.log", "n2.log", "n3.log"} <= {p.name for p in kept.iterdir()}
 
 
+def test_the_stress_runs_report_memory_and_outcomes_and_check_the_replicas(tmp_path, capsys):
+    """`bench.stress` end to end, small: a follower stopped 5/6 of the time under batches with
+    the flow control on (a 64 kB backlog, so it holds entries back) and off, then a flood.
+    Every replica must end on one state hash and the slow follower catch up."""
+    from bench import stress
+    out_json = tmp_path / "stress.json"
+    assert stress.main(["--seconds", "3", "--flood-seconds", "2", "--flood-clients", "8",
+                        "--batch", "500", "--backlog-bytes", "65536", "--json",
+                        str(out_json)]) == 0
+    text = capsys.readouterr().out
+    assert "| 0.0625 MiB |" in text and "| 4 GiB (no flow control) |" in text
+    assert "peak ratio, flow control on / off:" in text and "flood (8 clients x 500" in text
+    out = json.loads(out_json.read_text())
+    runs = out["slow_follower"]
+    assert [r["backlog_bytes"] for r in runs] == [65536, stress.UNBOUNDED]
+    for r in runs + [out["flood"]]:
+        assert r["replicas_agree"] and len(r["replica_hashes"]) == 3
+        assert r["transfers_per_s"] > 0
+    assert all(r["caught_up"] for r in runs)
+    assert out["flood"]["requests_acknowledged"] > 0 and out["flood"]["leader_peak_mb"] > 0
+    for bad in (["--seconds", "0"], ["--flood-clients", "-1"]):
+        with pytest.raises(SystemExit):
+            stress.main(bad)
+        assert "must be positive" in capsys.readouterr().err
+
+
 _BUSY = """
 import threading, time  # py-spy names threads from the threading module, as in a node
 def spin_here():
