@@ -363,7 +363,7 @@ def test_the_stress_runs_report_memory_and_outcomes_and_check_the_replicas(tmp_p
                         str(out_json)]) == 0
     text = capsys.readouterr().out
     assert "| 0.0625 MiB |" in text and "| 4 GiB (no flow control) |" in text
-    assert "peak ratio, flow control on / off:" in text and "flood (8 clients x 500" in text
+    assert "median peak, flow control on / off:" in text and "flood (8 clients x 500" in text
     out = json.loads(out_json.read_text())
     runs = out["slow_follower"]
     assert [r["backlog_bytes"] for r in runs] == [65536, stress.UNBOUNDED]
