@@ -94,6 +94,36 @@ def test_a_write_whose_reply_is_lost_ends_outcome_unknown():
 
 
 
+def test_a_write_is_not_sent_again_when_the_deadline_would_cut_it_short(monkeypatch):
+    """Answers that take 0.2 s, `overloaded` (nothing applied): with less than twice that left,
+    a write is not sent again, since cut short by the deadline its outcome would be unknown.
+    The call ends `unavailable`, saying why.  Answered at once, it retries to the end."""
+    clock = [1000.0]
+    monkeypatch.setattr(rc.time, "monotonic", lambda: clock[0])
+    for answer_s, sends_then in ((0.2, 2), (0.0, None)):
+        clock[0] = 1000.0
+        gen = _core(timeout_s=1.0).call("submit", {"events": [{"op": "create_account"}]})
+        step, sends = next(gen), 0
+        with pytest.raises(Unavailable) as err:
+            while True:
+                if isinstance(step, rc._Sleep):
+                    clock[0] += step.seconds
+                    step = gen.send(None)
+                else:
+                    sends += 1
+                    clock[0] += answer_s
+                    step = gen.send(_reply(step, Code.OVERLOADED, message="queue full"))
+        if sends_then is None:
+            assert sends > 10 and "not sent again" not in str(err.value)
+        else:
+            # 0.2 s each, after pauses of 5, 10 and 20 ms (+ up to half of each): sent at 0,
+            # ~0.21 and ~0.42 s; at ~0.64 s less than 0.4 s (twice 0.2 s) is left.
+            assert sends == 3 and 1000.64 <= clock[0] < 1000.66, (sends, clock[0])
+            assert re.search(r"queue full; not sent again with 0\.[34] s left, as nodes took "
+                             r"up to 0\.2 s to answer", str(err.value)), str(err.value)
+        gen.close()
+
+
 def test_a_read_that_runs_out_of_time_says_why_the_nodes_turned_it_down():
     """A follower read for a version no follower reaches: each answers read_not_ready after its
     wait, and the last attempt, cut short by the client's deadline, times out.  The error names
