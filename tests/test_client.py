@@ -94,50 +94,56 @@ def test_a_write_whose_reply_is_lost_ends_outcome_unknown():
 
 
 
-def test_a_write_is_not_sent_again_when_the_deadline_would_cut_it_short(monkeypatch):
-    """Answers that take 0.2 s, `overloaded` (nothing applied): with less than twice that left,
-    a write is not sent again, since cut short by the deadline its outcome would be unknown.
-    The call ends `unavailable`, saying why.  Answered at once, it retries to the end."""
-    clock = [1000.0]
-    monkeypatch.setattr(rc.time, "monotonic", lambda: clock[0])
-    for answer_s, sends_then in ((0.2, 2), (0.0, None)):
-        clock[0] = 1000.0
-        gen = _core(timeout_s=1.0).call("submit", {"events": [{"op": "create_account"}]})
-        step, sends = next(gen), 0
-        with pytest.raises(Unavailable) as err:
-            while True:
-                if isinstance(step, rc._Sleep):
-                    clock[0] += step.seconds
-                    step = gen.send(None)
-                else:
-                    sends += 1
-                    clock[0] += answer_s
-                    step = gen.send(_reply(step, Code.OVERLOADED, message="queue full"))
-        if sends_then is None:
-            assert sends > 10 and "not sent again" not in str(err.value)
-        else:
-            # 0.2 s each, after pauses of 5, 10 and 20 ms (+ up to half of each): sent at 0,
-            # ~0.21 and ~0.42 s; at 0.635-0.653 s less than 0.4 s (twice 0.2 s) is left.
-            assert sends == 3 and 1000.63 <= clock[0] < 1000.66, (sends, clock[0])
-            assert re.search(r"queue full; not sent again with 0\.[34] s left, as nodes took "
-                             r"up to 0\.2 s to answer", str(err.value)), str(err.value)
-        gen.close()
-    # Once an attempt may have applied it, the outcome is unknown anyway: an attempt answered
-    # in time can only settle it, so the write is tried to the end.
-    clock[0] = 1000.0
-    gen = _core(timeout_s=1.0).call("submit", {"events": [{"op": "create_account"}]})
-    next(gen)
-    step, sends = gen.send(rc._Failed(ConnectionResetError(), sent=True)), 1
-    with pytest.raises(OutcomeUnknown):
+def _answer_overloaded(gen, step, clock: list, answer_s: float) -> int:
+    """Drive `gen` on a fake clock: every attempt answered `overloaded` after `answer_s`, every
+    pause slept; returns the attempts sent, or raises what the call raises at its end."""
+    sends = 0
+    try:
         while True:
             if isinstance(step, rc._Sleep):
                 clock[0] += step.seconds
                 step = gen.send(None)
             else:
                 sends += 1
-                clock[0] += 0.2
+                clock[0] += answer_s
                 step = gen.send(_reply(step, Code.OVERLOADED, message="queue full"))
-    assert clock[0] > 1000.9 and sends >= 4, (clock[0], sends)
+    except (Unavailable, OutcomeUnknown) as e:
+        e.sends = sends
+        raise
+
+
+def test_a_write_is_not_sent_again_when_the_deadline_would_cut_it_short(monkeypatch):
+    """Answers that take 0.2 s, `overloaded` (nothing applied): with less than twice that left,
+    a write is not sent again, since cut short by the deadline its outcome would be unknown.
+    The call ends `unavailable`, saying why.  Answered at once, it retries to the end; and so
+    it does once an attempt may have applied it: the outcome is unknown anyway, and an
+    attempt answered in time can only settle it."""
+    clock = [1000.0]
+    monkeypatch.setattr(rc.time, "monotonic", lambda: clock[0])
+    body = {"events": [{"op": "create_account"}]}
+
+    gen = _core(timeout_s=1.0).call("submit", body)
+    with pytest.raises(Unavailable) as err:
+        _answer_overloaded(gen, next(gen), clock, 0.2)
+    # 0.2 s each, after pauses of 5, 10 and 20 ms (+ up to half of each): sent at 0, ~0.21 and
+    # ~0.42 s; at 0.635-0.653 s less than 0.4 s (twice 0.2 s) is left.
+    assert err.value.sends == 3 and 1000.63 <= clock[0] < 1000.66, (err.value.sends, clock[0])
+    assert re.search(r"queue full; not sent again with 0\.[34] s left, as nodes took up to "
+                     r"0\.2 s to answer", str(err.value)), str(err.value)
+
+    clock[0] = 1000.0
+    gen = _core(timeout_s=1.0).call("submit", body)
+    with pytest.raises(Unavailable) as err:
+        _answer_overloaded(gen, next(gen), clock, 0.0)
+    assert err.value.sends > 10 and "not sent again" not in str(err.value)
+
+    clock[0] = 1000.0
+    gen = _core(timeout_s=1.0).call("submit", body)
+    next(gen)
+    step = gen.send(rc._Failed(ConnectionResetError(), sent=True))
+    with pytest.raises(OutcomeUnknown) as err:
+        _answer_overloaded(gen, step, clock, 0.2)
+    assert clock[0] > 1000.9 and err.value.sends >= 3, (clock[0], err.value.sends)
 
 
 def test_a_read_that_runs_out_of_time_says_why_the_nodes_turned_it_down():
