@@ -75,6 +75,9 @@ import json
 import logging
 import os
 import pickle
+# Loaded now, not at the first snapshot: os.wait4 imports it for its result, which opens a
+# file, and a node whose descriptors clients had all taken failed every tick with EMFILE.
+import resource  # noqa: F401
 import signal
 import socket
 import struct
