@@ -25,6 +25,7 @@ import asyncio
 import itertools
 import os
 import random
+import select
 import socket
 import threading
 import time
@@ -450,6 +451,13 @@ def _zookeeper_directory(hosts: str, cluster: str, root: str, digest: str | None
 
 # --- Blocking client ----------------------------------------------------------------------------
 
+def _readable(sock: socket.socket) -> bool:
+    """Whether `sock` has something to read (end of stream included) right now."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 class Client(_Api):
     """Blocking client.  Thread-safe (one request at a time per client; use several clients, or
     `AsyncClient`, for concurrency).  `seeds`: "h:p,h:p", a list, or None for $RAFTPAY_CLUSTER.
@@ -510,6 +518,13 @@ class Client(_Api):
         sent = False
         try:
             sock = self._socks.get(step.addr)
+            if sock is not None and _readable(sock):
+                # Between requests a node sends nothing: the connection was closed (idle too
+                # long, or over the node's connection cap after its `overloaded` answer).
+                # Written into anyway, a request there counts as sent, and a write's outcome
+                # as unknown, though no node could have read it.
+                self._drop(step.addr)
+                sock = None
             if sock is None:
                 sock = socket.create_connection(parse_addr(step.addr), timeout=step.timeout_s)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
