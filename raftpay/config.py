@@ -89,6 +89,9 @@ class ServerConfig:
     max_frame_bytes: int = 16 * 1024 * 1024
     request_timeout_ms: int = 5000
     max_inflight_requests: int = 10_000
+    # Client connections a node keeps open at once; more are answered `overloaded` and closed.
+    # Lowered at start to what the file descriptor limit leaves beside the node's own needs.
+    max_connections: int = 10_000
     idle_timeout_ms: int = 300_000
     frame_timeout_ms: int = 10_000  # a half-sent frame must complete within this
 
@@ -205,6 +208,7 @@ ALLOWED: dict[str, str] = {
     "server.max_frame_bytes": "an integer in 1..4294967295 (bytes)",
     "server.request_timeout_ms": "a positive integer (milliseconds)",
     "server.max_inflight_requests": "a positive integer",
+    "server.max_connections": "a positive integer (client connections open at once)",
     "server.idle_timeout_ms": "a positive integer (milliseconds)",
     "server.frame_timeout_ms": "a positive integer (milliseconds)",
     "clock.max_offset_ms": "a positive integer (milliseconds)",
@@ -526,8 +530,8 @@ def _problems(cfg: NodeConfig) -> list[tuple[str, str]]:
     s = cfg.server
     if not 1 <= s.max_frame_bytes <= 2**32 - 1:  # the frame's length prefix is 4 bytes
         bad("server.max_frame_bytes", f"got {s.max_frame_bytes}")
-    for key in ("request_timeout_ms", "max_inflight_requests", "idle_timeout_ms",
-                "frame_timeout_ms"):
+    for key in ("request_timeout_ms", "max_inflight_requests", "max_connections",
+                "idle_timeout_ms", "frame_timeout_ms"):
         positive(f"server.{key}", getattr(s, key))
 
     # [clock]

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import resource
 import time
 from typing import Any, Callable
 
@@ -52,6 +53,63 @@ log = logging.getLogger("raftpay.server")
 IDLE_TICK_S = 1.0
 
 
+#: File descriptors a node keeps beside its client connections: its own (Raft peers, the
+#: journal and snapshot files, its log, a ZooKeeper session, modules loaded late), the
+#: connections over the cap waiting for their answer (SHED_MAX), and the accepts not looked
+#: at yet (asyncio accepts up to 100 a loop pass, and closes a refused one a pass or two
+#: later: 1,500 connections at once took ~300 descriptors beyond the cap).
+FD_RESERVE = 512
+
+#: A connection over `max_connections` is answered at its first request, and closed after this
+#: long if it sends none.  At most SHED_MAX such wait at once; past that a
+#: connection is closed as soon as it is accepted: 600 connections opened in 2 s against a
+#: node allowed 300 descriptors held them all for their second, and its meta file could not
+#: be written (EMFILE).
+OVER_CAP_GRACE_S = 1.0
+SHED_MAX = 64
+
+
+def connection_cap(configured: int) -> int:
+    """`max_connections`, lowered to what the file descriptor limit (`ulimit -n`) leaves beside
+    FD_RESERVE.  Without a cap, clients that opened as many connections as the limit allows
+    (a pool that leaks them, say) took every descriptor: the node could not open a snapshot or
+    load a module, its Raft tick failed with EMFILE, and asyncio logged every refused accept
+    (11,814 lines in 3 s, scratch: a leader at `ulimit -n 150` and 232 idle connections)."""
+    try:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return configured
+    if soft == resource.RLIM_INFINITY:
+        return configured
+    return max(1, min(configured, soft - FD_RESERVE))
+
+
+class _OncePerMinute(logging.Filter):
+    """asyncio logs each accept that fails for want of descriptors, with a traceback, about a
+    hundred a second while it lasts: let one through a minute, with a count of the rest."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+        self.last = float("-inf")
+        self.held = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.text not in str(record.msg):
+            return True
+        now = time.monotonic()
+        if now - self.last < 60:
+            self.held += 1
+            return False
+        if self.held:
+            record.msg = f"{record.msg} ({self.held} more like it since the last report)"
+        self.last, self.held = now, 0
+        return True
+
+
+logging.getLogger("asyncio").addFilter(_OncePerMinute("out of system resource"))
+
+
 _WRITE_TYPES = frozenset({"submit", "register_session", "keep_alive"})
 _READ_TYPES = frozenset({"lookup_accounts", "lookup_transfers", "account_transfers"})
 
@@ -63,7 +121,7 @@ class ServerSettings:
                  request_timeout_ms: int = 5000, max_inflight_requests: int = 10_000,
                  idle_timeout_ms: int = 300_000, frame_timeout_ms: int = 10_000,
                  max_entry_bytes: int = 4 * 1024 * 1024, max_inflight_entries: int = 1,
-                 follower_read_timeout_ms: int = 1000):
+                 follower_read_timeout_ms: int = 1000, max_connections: int = 10_000):
         self.max_frame_bytes = max_frame_bytes
         self.request_timeout_s = request_timeout_ms / 1000
         self.max_inflight_requests = max_inflight_requests
@@ -76,6 +134,7 @@ class ServerSettings:
         self.max_queued_bytes = max_entry_bytes
         self.max_inflight_entries = max_inflight_entries
         self.follower_read_timeout_s = follower_read_timeout_ms / 1000
+        self.max_connections = max_connections
 
     @classmethod
     def from_config(cls, cfg) -> "ServerSettings":
@@ -83,7 +142,7 @@ class ServerSettings:
         return cls(max_frame_bytes=s.max_frame_bytes, request_timeout_ms=s.request_timeout_ms,
                    max_inflight_requests=s.max_inflight_requests,
                    idle_timeout_ms=s.idle_timeout_ms, frame_timeout_ms=s.frame_timeout_ms,
-                   max_entry_bytes=r.max_entry_bytes)
+                   max_entry_bytes=r.max_entry_bytes, max_connections=s.max_connections)
 
 
 class Server:
@@ -111,6 +170,8 @@ class Server:
         self._batcher: _Batcher | None = None
         self._reads: _ReadBarrier | None = None
         self._conns: set[_Conn] = set()
+        self._shed: set[_Conn] = set()  # over the cap: answered `overloaded`, then closed
+        self.max_connections = self.settings.max_connections  # lowered by `start`
         # While corked (depth > 0), replies collect per connection and go out in one write per
         # connection when the outermost uncork runs (`corked`).
         self._cork_depth = 0
@@ -129,6 +190,12 @@ class Server:
                         else self._loop.call_soon_threadsafe)
         self._batcher = _Batcher(self)
         self._reads = _ReadBarrier(self)
+        self.max_connections = connection_cap(self.settings.max_connections)
+        if self.max_connections < self.settings.max_connections:
+            log.info("this node takes at most %d client connections, not server."
+                     "max_connections = %d: its file descriptor limit (ulimit -n) leaves no "
+                     "more beside the %d it keeps for itself; raise the limit to take more",
+                     self.max_connections, self.settings.max_connections, FD_RESERVE)
         self._server = await self._loop.create_server(lambda: _Conn(self), host, port,
                                                       reuse_address=True)
         self.address = self._server.sockets[0].getsockname()[:2]
@@ -142,7 +209,7 @@ class Server:
                 task.cancel()
         if self._server:
             self._server.close()
-        for conn in list(self._conns):
+        for conn in list(self._conns) + list(self._shed):
             conn.close()
         if self._server:
             try:
@@ -548,12 +615,46 @@ class _Conn(asyncio.Protocol):
         self._out: list[bytes] = []  # replies held while the server is corked
         self.last_active = self.frame_since = time.monotonic()
         self._closing = False
+        self.shed = False  # over the connection cap: its first request is refused, then closed
 
     def connection_made(self, transport) -> None:
         self.transport = transport
-        self.server._conns.add(self)
+        server = self.server
+        if len(server._conns) >= server.max_connections:
+            if len(server._shed) >= SHED_MAX:
+                self._closing = True
+                transport.abort()  # no room even to answer it
+                return
+            self.shed = True
+            server._shed.add(self)
+            server._loop.call_later(OVER_CAP_GRACE_S, self.close)
+            return
+        server._conns.add(self)
+
+    def _refuse(self, data: bytes) -> None:
+        """Over the cap: the first request is answered `overloaded` (nothing applied; closed
+        unanswered, a client could not tell), and the connection closed."""
+        payloads = self.frames.feed(data)
+        if payloads:
+            head = wire.peek(payloads[0])
+            if head is None:
+                try:
+                    head = (None, wire.decode(payloads[0],
+                                              self.server.settings.max_frame_bytes).id)
+                except ProtocolError:
+                    head = (None, 0)
+            self.server._send(self, wire.reply(head[1], Code.OVERLOADED, message=(
+                f"this node has {len(self.server._conns)} client connections open, the most "
+                f"it takes (server.max_connections, or what its file descriptor limit leaves); "
+                f"nothing was applied: retry, or close idle connections")))
+        elif self.frames.error is None:
+            return  # the request is not whole yet
+        self.close()
 
     def data_received(self, data: bytes) -> None:
+        if self.shed:
+            self._refuse(data)
+            return
         now = time.monotonic()
         self.last_active = now
         was_partial = self.frames.partial
@@ -584,6 +685,7 @@ class _Conn(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self._closing = True
         self.server._conns.discard(self)
+        self.server._shed.discard(self)
 
     def pause_writing(self) -> None:
         self.transport.pause_reading()

@@ -142,6 +142,59 @@ def test_half_frame_and_stall_is_dropped(tmp_path):
         c.close()
 
 
+def test_connections_past_the_cap_are_answered_overloaded_and_closed(tmp_path):
+    """Clients that open more connections than a node takes (a pool that leaks them) no
+    longer take every file descriptor it has: a connection over `server.max_connections` has
+    its first request answered `overloaded` (nothing applied) and is closed, or closed after a
+    second if it sends none; once one of the others closes, a new connection is served."""
+    import time
+
+    from raftpay.config import ServerConfig
+    c = local_cluster(tmp_path, 1, server=ServerConfig(max_connections=3))
+    c.start()
+    held = []
+    try:
+        addr = c.wait_for_leader()
+        for _ in range(3):  # each served (its ping answered) before the next opens
+            s = raw_conn(addr)
+            s.sendall(wire.encode("ping", 1, {}))
+            assert wire.decode(wire.recv_frame(s, timeout_s=5)).body["code"] == Code.OK
+            held.append(s)
+        with raw_conn(addr) as s:
+            s.sendall(wire.encode("submit", 77, {"events": [
+                {"op": "create_account", "id": "cap-a", "currency": 1}]}))
+            env = wire.decode(wire.recv_frame(s, timeout_s=5))
+            assert env.id == 77 and env.body["code"] == Code.OVERLOADED
+            assert "3 client connections open, the most it takes" in env.body["message"]
+            assert "nothing was applied" in env.body["message"]
+            assert s.recv(1) == b""  # and closed
+        with raw_conn(addr) as s:  # over the cap and silent: closed after a second
+            t0 = time.monotonic()
+            s.settimeout(5)
+            assert s.recv(1) == b"" and 0.5 < time.monotonic() - t0 < 3
+        with pytest.raises(Unavailable, match="client connections open"):
+            with Client(addr, timeout_s=1) as cl:
+                cl.create_account("cap-a", 1)
+        held.pop().close()
+        with Client(addr, timeout_s=5) as cl:
+            assert cl.lookup_accounts(["cap-a"]) == [None]  # the refused requests applied nothing
+            assert cl.create_account("cap-a", 1) == Code.OK
+    finally:
+        for s in held:
+            s.close()
+        c.close()
+
+
+def test_the_connection_cap_leaves_descriptors_for_the_node(monkeypatch):
+    import resource
+
+    from raftpay import server as rs
+    for soft, configured, cap in ((20_000, 10_000, 10_000), (1024, 10_000, 1024 - rs.FD_RESERVE),
+                                  (resource.RLIM_INFINITY, 10_000, 10_000), (100, 10_000, 1)):
+        monkeypatch.setattr(resource, "getrlimit", lambda _what: (soft, soft))
+        assert rs.connection_cap(configured) == cap
+
+
 def test_bad_events_change_nothing(cluster):
     with Client(cluster.seeds) as c:
         c.create_accounts([{"id": "bad-a", "currency": 1}, {"id": "bad-b", "currency": 1}])

@@ -157,6 +157,8 @@ BAD = [
      ["got 4294967296", "1..4294967295"]),
     ("frame timeout", set_("server", "frame_timeout_ms", 0), "server.frame_timeout_ms", ["got 0"]),
     ("inflight", set_("server", "max_inflight_requests", 0), "server.max_inflight_requests", ["got 0"]),
+    ("connections", set_("server", "max_connections", 0), "server.max_connections",
+     ["got 0", "client connections open at once"]),
     ("offset", set_("clock", "max_offset_ms", 0), "clock.max_offset_ms", ["got 0"]),
     ("ntp addr", set_("clock", "ntp_servers", ["127.0.0.1:123", "pool.ntp.org"]), "clock.ntp_servers[1]",
      ["'pool.ntp.org' is not \"host:port\"", "a list of \"host:port\" strings"]),

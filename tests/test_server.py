@@ -249,3 +249,22 @@ def test_peek_reads_a_requests_type_and_id_from_its_head_only():
                   msgpack.packb({"v": 1, "type": "submit", "id": -1, "body": {}}),
                   msgpack.packb([1, 2, 3])):
         assert wire.peek(other) is None, other
+
+
+def test_asyncio_says_it_ran_out_of_descriptors_once_a_minute(monkeypatch):
+    """asyncio logs every accept that fails for want of descriptors, with a traceback, about a
+    hundred a second: one a minute goes through, with a count of the rest."""
+    import logging
+    clock = [100.0]
+    monkeypatch.setattr(rs.time, "monotonic", lambda: clock[0])
+    quiet = rs._OncePerMinute("out of system resource")
+
+    def record(msg):
+        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, msg, None, None)
+    said = [quiet.filter(record("socket.accept() out of system resource")) for _ in range(3)]
+    assert said == [True, False, False]
+    assert quiet.filter(record("something else")) is True
+    clock[0] += 61
+    again = record("socket.accept() out of system resource")
+    assert quiet.filter(again) and "(2 more like it since the last report)" in again.msg
+    assert any(isinstance(f, rs._OncePerMinute) for f in logging.getLogger("asyncio").filters)
