@@ -1134,6 +1134,7 @@ class _RaftpayConnection(TcpConnection):
     rp_transport = None  # the `_RaftpayTransport` that adopted it
     rp_dialed = None  # the peer's node, on a connection this node dials (upstream reuses it)
     rp_frames_in = 0  # frames read since this TCP connection opened
+    rp_accepted_at = None  # when this node accepted it (a connection a peer dialed)
 
     @classmethod
     def rp_adopt(cls, conn: TcpConnection, transport=None, dialed=None) -> TcpConnection:
@@ -1387,7 +1388,31 @@ class _RaftpayTransport(TCPTransport):
             _RaftpayConnection.rp_adopt(conn, self, dialed=node)
 
     def _onNewIncomingConnection(self, conn):
-        super()._onNewIncomingConnection(_RaftpayConnection.rp_adopt(conn, self))
+        conn = _RaftpayConnection.rp_adopt(conn, self)
+        conn.rp_accepted_at = _pso_monotonic()
+        super()._onNewIncomingConnection(conn)
+
+    def rp_drop_strangers(self) -> int:
+        """Close the incoming connections that have not said which peer they are within the
+        connection timeout; returns how many.  Upstream keeps such a connection until it sends
+        something, which an idle one never does: 500 idle connections to a node's Raft port
+        (a health check that does not close, a scanner) held 500 descriptors for as long as
+        they stayed open.  A peer finishes its handshake in a round trip, and itself gives up
+        on a connection after the same timeout."""
+        limit = self._syncObj._SyncObj__conf.connectionTimeout
+        now = _pso_monotonic()
+        stale = [c for c in self._unknownConnections
+                 if c.rp_accepted_at is not None and now - c.rp_accepted_at > limit]
+        for conn in stale:
+            self._unknownConnections.discard(conn)
+            conn.disconnect()
+        if stale:
+            self.rp_complain("strangers", (
+                f"closed {len(stale)} Raft connection(s) that did not say which peer they are "
+                f"within {limit:g} s: something other than a peer (a health check, a scanner) "
+                f"connects to this node's Raft port, or a peer was too busy to finish its "
+                f"handshake"))
+        return len(stale)
 
     def _onIncomingMessageReceived(self, conn, message):
         # Upstream drops a connection whose node introduces itself by an address it does not
@@ -2196,6 +2221,10 @@ class _RaftpaySyncObj(SyncObj):
                        reverse=True)
         need = (len(acked) + 1) // 2  # followers needed besides ourselves
         return self._rp_round if need == 0 else acked[need - 1]
+
+    def rp_drop_strangers(self) -> int:
+        """See `_RaftpayTransport.rp_drop_strangers`."""
+        return self._SyncObj__transport.rp_drop_strangers()
 
     def rp_ping_peers(self) -> None:
         """Send a keepalive to every connected peer that is not the leader (a leader's own
@@ -3183,6 +3212,7 @@ class Node:
             peers = so.rp_peers()
             self._check_peers(so, peers, now)
             self._check_leader(so, peers, now)
+            so.rp_drop_strangers()
             if so.rp_abstain and so.raftCurrentTerm > 0 and so.rp_committed_in_term():
                 self._end_rejoin(so)  # (term 0: the journal's first entry, no leader's)
         so.rp_compact_if_due_by_bytes()

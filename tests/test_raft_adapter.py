@@ -211,6 +211,10 @@ def test_internal_names_exist(tmp_path):
         assert isinstance(so._SyncObj__transport._connections, dict)
         # Who dials whom (rp_dials).
         assert callable(so._SyncObj__transport._shouldConnect)
+        # Incoming connections not identified yet, and how long a connection may stay silent
+        # (rp_drop_strangers).
+        assert isinstance(so._SyncObj__transport._unknownConnections, set)
+        assert so._SyncObj__conf.connectionTimeout > 0
         assert set(so._SyncObj__transport._nodeAddrToNode) == {n.address for n in so.otherNodes}
     finally:
         so.destroy()
@@ -696,6 +700,35 @@ def test_a_node_sends_nothing_on_a_connection_it_dialed_before_the_key_exchange_
     finally:
         for so in pair:
             so.rp_destroy()
+
+
+def test_connections_that_never_say_which_peer_they_are_are_closed(rp_pair, caplog):
+    """Upstream keeps an incoming connection until it sends something, which an idle one
+    never does (500 of them held 500 descriptors for good).  After the connection timeout
+    they are closed, once a second by the node (`rp_drop_strangers`), and said once a minute;
+    the peers' own connection stays."""
+    caplog.set_level(logging.WARNING, logger="raftpay.node")
+    leader, follower = _leader_follower(rp_pair)
+    leader._SyncObj__conf.connectionTimeout = 0.3
+    host, port = leader._SyncObj__selfNode.address.rsplit(":", 1)
+    strangers = [socket.create_connection((host, int(port)), timeout=5) for _ in range(3)]
+    tick_until(rp_pair, lambda: len(leader._SyncObj__transport._unknownConnections) == 3,
+               what="the connections accepted")
+    assert leader.rp_drop_strangers() == 0  # not yet
+    deadline = time.monotonic() + 0.4
+    while time.monotonic() < deadline:
+        for so in rp_pair:
+            so.rp_tick(0.002)
+    assert leader.rp_drop_strangers() == 3
+    for s in strangers:
+        assert s.recv(1) == b""
+        s.close()
+    said = [r.getMessage() for r in caplog.records if "did not say which peer" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("closed 3 Raft connection(s)"), said
+    assert leader.isNodeConnected(_the_other(leader))
+    leader.rp_append(rn.ENTRY_LEDGER + b"still", lambda *a: None)
+    tick_until(rp_pair, lambda: follower.raftCommitIndex == leader.rp_last_index()
+               or (leader.rp_send_round() and False), what="an entry after")
 
 
 def test_a_follower_syncs_once_for_the_entries_of_one_read_then_acks_each(rp_pair, monkeypatch):
