@@ -39,7 +39,10 @@ timestamp of the registration, unique by construction).  A `submit` carrying ``s
 ``seq`` is applied at most once: its reply is stored, and a duplicate gets the stored reply.
 ``ack`` (every seq below it has been received by the client) lets the ledger drop stored replies;
 a request below that floor gets `SESSION_REQUEST_TOO_OLD`.  A session that saw no request or
-`keep_alive` for `session_ttl_ms` of log time expires deterministically.
+`keep_alive` for `session_ttl_ms` of log time expires deterministically.  At most
+`max_sessions` live at once (TigerBeetle's client table is bounded likewise): registering one
+more ends the least recently used, whose next request gets `SESSION_EXPIRED` (the client
+registers anew; its events keep their ids, so a retry answers `exists`).
 
 Pending expiry and session expiry happen at command boundaries, driven only by command
 timestamps, so they are replayed identically.  A `tick` command moves log time with no other
@@ -53,6 +56,7 @@ Thread safety: none.  The node applies entries and runs queries under one lock.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import heapq
 import sys
@@ -109,6 +113,11 @@ _STATE_NAMES = {_PENDING: "pending", _POSTED: "posted", _VOIDED: "voided", _EXPI
 
 #: Stored replies kept per session beyond the client's ack (bounds memory of a careless client).
 MAX_REPLIES_PER_SESSION = 1024
+
+#: Live sessions at most (default `max_sessions`).  A session costs ~650 bytes with one stored
+#: reply; a client that makes a new session per request (a new `Client` per web request, say)
+#: at 1,000 a second kept ~600,000 alive for the 10-minute TTL, ~390 MB on every replica.
+MAX_SESSIONS = 100_000
 
 SNAPSHOT_FORMAT = "raftpay-ledger"
 SNAPSHOT_VERSION = 1
@@ -283,10 +292,13 @@ class _Rows:
 class Ledger:
     """The replicated state machine.  Deterministic; not thread-safe; never does I/O."""
 
-    def __init__(self, session_ttl_ms: int = 600_000):
+    def __init__(self, session_ttl_ms: int = 600_000, max_sessions: int = MAX_SESSIONS):
         if type(session_ttl_ms) is not int or session_ttl_ms <= 0:
             raise ValueError("session_ttl_ms must be a positive integer")
+        if type(max_sessions) is not int or max_sessions <= 0:
+            raise ValueError("max_sessions must be a positive integer")
         self.session_ttl_ms = session_ttl_ms
+        self.max_sessions = max_sessions
         self.last_ts = 0
         # Accounts: id -> row in a sharded map (`_new_id_index`), and one list per field.
         self._acc: list[dict[Any, int]] = _new_id_index()
@@ -320,8 +332,9 @@ class Ledger:
         # items (0.75 s at 5.7M failures).
         self._f_rows: list[tuple] = []
         self._failed: list[dict[Any, int]] = _new_id_index()
-        # Sessions: id -> [last_active_ts, floor_seq, {seq: reply}].
-        self._sessions: dict[int, list] = {}
+        # Sessions: id -> [last_active_ts, floor_seq, {seq: reply}], least recently used first
+        # (each use moves its session to the end), so the expired ones lead.
+        self._sessions: collections.OrderedDict[int, list] = collections.OrderedDict()
         self._next_session_sweep = 0
         # Undo log, a list only while a linked chain is being applied.
         self._undo: list | None = None
@@ -368,7 +381,12 @@ class Ledger:
         if kind == "submit":
             return self._submit(command, now)
         if kind == "register_session":
-            self._sessions[now] = [now, 1, {}]
+            sessions = self._sessions
+            if len(sessions) >= self.max_sessions:
+                self._drop_expired_sessions(now)
+                if len(sessions) >= self.max_sessions:
+                    sessions.popitem(last=False)  # the least recently used
+            sessions[now] = [now, 1, {}]
             return {"code": 0, "session": now}
         if kind == "keep_alive":
             s = self._live_session(command.get("session"), now)
@@ -420,19 +438,29 @@ class Ledger:
         return reply
 
     def _live_session(self, sid: Any, now: int) -> list | None:
+        """The session `sid` if it is live, now its most recently used; None (and it is
+        forgotten) if it expired."""
         s = self._sessions.get(sid) if type(sid) is int else None
-        if s is not None and s[0] + self.session_ttl_ms * MS < now:
-            del self._sessions[sid]
-            return None
+        if s is not None:
+            if s[0] + self.session_ttl_ms * MS < now:
+                del self._sessions[sid]
+                return None
+            self._sessions.move_to_end(sid)
         return s
 
-    def _sweep_sessions(self, now: int) -> None:
+    def _drop_expired_sessions(self, now: int) -> None:
         ttl = self.session_ttl_ms * MS
-        dead = [sid for sid, s in self._sessions.items() if s[0] + ttl < now]
-        for sid in dead:
-            del self._sessions[sid]
+        sessions = self._sessions
+        while sessions:
+            sid, s = next(iter(sessions.items()))
+            if s[0] + ttl >= now:
+                return  # least recently used first: the rest are live too
+            del sessions[sid]
+
+    def _sweep_sessions(self, now: int) -> None:
+        self._drop_expired_sessions(now)
         # Sweeping a quarter TTL apart bounds the work and the memory of abandoned sessions.
-        self._next_session_sweep = now + max(ttl // 4, 1)
+        self._next_session_sweep = now + max(self.session_ttl_ms * MS // 4, 1)
 
     def _expire_pending(self, now: int) -> None:
         heap, p_state = self._expiry, self._p_state
@@ -1156,6 +1184,7 @@ class Ledger:
             "format": SNAPSHOT_FORMAT,
             "version": SNAPSHOT_VERSION,
             "session_ttl_ms": self.session_ttl_ms,
+            "max_sessions": self.max_sessions,
             "last_ts": self.last_ts,
             "accounts": [self._a_id, self._a_currency, self._a_flags, self._a_user_data,
                          self._a_ts, self._a_dpend, self._a_dpost, self._a_cpend, self._a_cpost,
@@ -1196,7 +1225,7 @@ class Ledger:
         if doc.get("version") != SNAPSHOT_VERSION:
             raise ValueError(f"snapshot version {doc.get('version')!r} is not supported "
                              f"(this build reads version {SNAPSHOT_VERSION})")
-        led = cls(doc["session_ttl_ms"])
+        led = cls(doc["session_ttl_ms"], doc.get("max_sessions", MAX_SESSIONS))
         led.last_ts = doc["last_ts"]
         (a_id, led._a_currency, led._a_flags, led._a_user_data, led._a_ts, led._a_dpend,
          led._a_dpost, led._a_cpend, led._a_cpost, hist) = doc["accounts"]
@@ -1215,8 +1244,11 @@ class Ledger:
         led._expiry = [tuple(e) for e in doc["expiry"]]
         led._f_rows = [(tid, code, ts, tuple(body)) for tid, code, ts, body in doc["failed"]]
         led._failed = _index_of(row[0] for row in led._f_rows)
-        led._sessions = {sid: [last, floor, {q: r for q, r in replies}]
-                         for sid, last, floor, replies in doc["sessions"]}
+        # Least recently used first, as `_drop_expired_sessions` needs: a snapshot written
+        # before sessions were kept in that order listed them as registered.
+        led._sessions = collections.OrderedDict(
+            (sid, [last, floor, {q: r for q, r in replies}])
+            for sid, last, floor, replies in sorted(doc["sessions"], key=lambda s: s[1]))
         led._next_session_sweep = doc["next_session_sweep"]
         return led
 

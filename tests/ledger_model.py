@@ -81,8 +81,9 @@ def present(ev: dict) -> dict:
 
 
 class Model:
-    def __init__(self, session_ttl_ms: int = 600_000):
+    def __init__(self, session_ttl_ms: int = 600_000, max_sessions: int = 100_000):
         self.ttl = session_ttl_ms * MS
+        self.max_sessions = max_sessions
         self.time = 0  # last normalised timestamp
         self.ledger = {
             "accounts": {},  # id -> dict (the lookup_accounts shape)
@@ -107,6 +108,10 @@ class Model:
         if kind == "tick":
             return {"code": 0}
         if kind == "register_session":
+            self.sessions = {sid: s for sid, s in self.sessions.items()
+                             if now - s["last"] <= self.ttl}
+            if len(self.sessions) >= self.max_sessions:  # the least recently used ends
+                del self.sessions[min(self.sessions, key=lambda sid: self.sessions[sid]["last"])]
             self.sessions[now] = {"last": now, "floor": 1, "replies": {}}
             return {"code": 0, "session": now}
         if kind == "keep_alive":

@@ -55,6 +55,7 @@ except ImportError:  # tests/ is not a package: pytest puts it on sys.path (root
 #: Multiplies every max_examples (e.g. RAFTPAY_PROPS_SCALE=20 for a long soak run).
 SCALE = max(1, int(os.environ.get("RAFTPAY_PROPS_SCALE", "1")))
 TTL_MS = 3  # session TTL of the machine's ledger: 3 ms of log time
+MAX_LIVE = 3  # live sessions at most in the machine's ledger: a fourth ends the least recently used
 BANKS = {1: "bank-1", 2: "bank-2"}  # unconstrained accounts that fund the others
 ACC_IDS = [1, 2, 3, 4, "1", "acc-x"]  # 1 and "1" are different ids
 ACC_POOL = ACC_IDS + list(BANKS.values())
@@ -295,8 +296,8 @@ def expected_on_retry(first: int) -> int:
 class LedgerMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
-        self.led = Ledger(session_ttl_ms=TTL_MS)
-        self.model = Model(TTL_MS)
+        self.led = Ledger(session_ttl_ms=TTL_MS, max_sessions=MAX_LIVE)
+        self.model = Model(TTL_MS, MAX_LIVE)
         self.log: list[tuple] = []  # (command, ts) exactly as given to the ledger
         self.fork: Ledger | None = None  # restored from a snapshot, fed every later command
         self.acc_ids: set = set(ACC_POOL)
@@ -594,7 +595,7 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule()
     def replay_log(self):
         """The same log into a fresh ledger: same hash, and the same sessions alive."""
-        fresh = Ledger(session_ttl_ms=TTL_MS)
+        fresh = Ledger(session_ttl_ms=TTL_MS, max_sessions=MAX_LIVE)
         for command, ts in self.log:
             fresh.apply(copy.deepcopy(command), ts)
         assert fresh.state_hash() == self.led.state_hash()
@@ -895,6 +896,52 @@ def test_stored_replies_are_capped_and_acked_ones_dropped():
         assert norm(got) == norm(want), (seq, ack)
     assert led.apply({"type": "submit", "events": [], "session": sid, "seq": 7}, 0)["code"] \
         == Code.SESSION_REQUEST_TOO_OLD
+
+
+def test_a_session_past_max_sessions_ends_the_least_recently_used():
+    """At most `max_sessions` live: a new one ends the least recently used (a request or a
+    keep_alive makes a session the most recently used), after the expired ones; the order
+    survives a snapshot, and a ledger that replays the log ends on the same hash."""
+    ms = 1_000_000  # 1 ms of log time
+    led, model = Ledger(session_ttl_ms=1000, max_sessions=3), Model(1000, 3)
+    log, t = [], 0
+
+    def both(command):
+        nonlocal t
+        t += ms
+        log.append((command, t))
+        got, want = led.apply(dict(command), t), model.apply(dict(command), t)
+        assert norm(got) == norm(want), command
+        return got
+
+    def alive():
+        return [sid for sid in sids if Ledger.restore(led.snapshot()).apply(
+            {"type": "keep_alive", "session": sid}, 0)["code"] == Code.OK]
+    sids = [both({"type": "register_session"})["session"] for _ in range(3)]
+    both({"type": "submit", "events": [], "session": sids[0], "seq": 1})
+    both({"type": "keep_alive", "session": sids[1]})
+    sids.append(both({"type": "register_session"})["session"])  # ends sids[2]
+    assert alive() == [sids[0], sids[1], sids[3]]
+    assert both({"type": "keep_alive", "session": sids[2]})["code"] == Code.SESSION_EXPIRED
+    restored = Ledger.restore(led.snapshot())
+    assert restored.state_hash() == led.state_hash()
+    t += ms
+    for one in (led, restored):  # both end sids[0], now the least recently used
+        one.apply({"type": "register_session"}, t)
+    model.apply({"type": "register_session"}, t)
+    log.append(({"type": "register_session"}, t))
+    assert restored.state_hash() == led.state_hash()
+    assert alive() == [sids[1], sids[3]]
+    # Expired sessions go first: 2 s later all three expired, and four new ones end only
+    # the first of themselves.
+    t += 2000 * ms
+    new = [both({"type": "register_session"})["session"] for _ in range(4)]
+    sids += new
+    assert alive() == new[1:]
+    fresh = Ledger(session_ttl_ms=1000, max_sessions=3)
+    for command, ts in log:
+        fresh.apply(dict(command), ts)
+    assert fresh.state_hash() == led.state_hash()
 
 
 def test_duplicate_session_request_returns_the_identical_reply_object():
