@@ -632,24 +632,23 @@ class _Conn(asyncio.Protocol):
         server._conns.add(self)
 
     def _refuse(self, data: bytes) -> None:
-        """Over the cap: the first request is answered `overloaded` (nothing applied; closed
-        unanswered, a client could not tell), and the connection closed."""
+        """Over the cap: the requests that came are answered `overloaded` (nothing applied;
+        closed unanswered, a client could not tell: a pipelining client has several), and the
+        connection closed."""
         payloads = self.frames.feed(data)
-        if payloads:
-            head = wire.peek(payloads[0])
+        message = (f"this node has {len(self.server._conns)} client connections open, the "
+                   f"most it takes (server.max_connections, or what its file descriptor limit "
+                   f"leaves); nothing was applied: retry, or close idle connections")
+        for payload in payloads:
+            head = wire.peek(payload)
             if head is None:
                 try:
-                    head = (None, wire.decode(payloads[0],
-                                              self.server.settings.max_frame_bytes).id)
+                    head = (None, wire.decode(payload, self.server.settings.max_frame_bytes).id)
                 except ProtocolError:
                     head = (None, 0)
-            self.server._send(self, wire.reply(head[1], Code.OVERLOADED, message=(
-                f"this node has {len(self.server._conns)} client connections open, the most "
-                f"it takes (server.max_connections, or what its file descriptor limit leaves); "
-                f"nothing was applied: retry, or close idle connections")))
-        elif self.frames.error is None:
-            return  # the request is not whole yet
-        self.close()
+            self.server._send(self, wire.reply(head[1], Code.OVERLOADED, message=message))
+        if payloads or self.frames.error is not None:
+            self.close()
 
     def data_received(self, data: bytes) -> None:
         if self.shed:
