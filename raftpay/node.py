@@ -533,6 +533,7 @@ from pysyncobj.poller import POLL_EVENT_TYPE  # noqa: E402
 from pysyncobj.serializer import Serializer  # noqa: E402
 from pysyncobj.syncobj import _RAFT_STATE  # noqa: E402
 from pysyncobj.tcp_connection import TcpConnection  # noqa: E402
+from pysyncobj.tcp_server import SERVER_STATE  # noqa: E402
 from pysyncobj.transport import TCPTransport  # noqa: E402
 from pysyncobj.version import VERSION as _PYSYNCOBJ_VERSION  # noqa: E402
 
@@ -1391,6 +1392,21 @@ class _RaftpayTransport(TCPTransport):
         conn = _RaftpayConnection.rp_adopt(conn, self)
         conn.rp_accepted_at = _pso_monotonic()
         super()._onNewIncomingConnection(conn)
+
+    def _onTick(self):
+        # Upstream closes its listening socket at the first accept that fails (EMFILE, a
+        # connection aborted before it was accepted, ...) and binds only until it first
+        # succeeds: the peers that dial this node could never reach it again, until a restart.
+        # Bind it again (upstream's own bind, retried every bindRetryTime).
+        server = self._server
+        if (self._ready and server is not None
+                and server._TcpServer__state == SERVER_STATE.UNBINDED):
+            self._ready = False
+            self.rp_complain("unbound", (
+                f"this node's Raft port ({self._selfNode.address}) stopped accepting "
+                f"connections (an accept failed: out of file descriptors, or a connection "
+                f"aborted as it came); binding it again"))
+        super()._onTick()
 
     def rp_drop_strangers(self) -> int:
         """Close the incoming connections that have not said which peer they are within the

@@ -10,6 +10,7 @@ adapter does not do it.  Nodes run in this process with autoTick=False, over rea
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pickle
@@ -26,6 +27,7 @@ from pysyncobj.serializer import Serializer
 from pysyncobj.syncobj import _COMMAND_TYPE, _RAFT_STATE
 from pysyncobj.poller import POLL_EVENT_TYPE, Poller
 from pysyncobj.tcp_connection import CONNECTION_STATE, TcpConnection
+from pysyncobj.tcp_server import SERVER_STATE
 from pysyncobj.transport import TCPTransport
 
 from raftpay import node as rn
@@ -215,6 +217,13 @@ def test_internal_names_exist(tmp_path):
         # (rp_drop_strangers).
         assert isinstance(so._SyncObj__transport._unknownConnections, set)
         assert so._SyncObj__conf.connectionTimeout > 0
+        # A listening socket upstream closed is bound again (_RaftpayTransport._onTick).
+        transport = so._SyncObj__transport
+        assert callable(TCPTransport._onTick) and callable(TCPTransport._maybeBind)
+        assert transport._ready in (True, False)
+        assert transport._server._TcpServer__state in (SERVER_STATE.BINDED,
+                                                       SERVER_STATE.UNBINDED)
+        assert hasattr(transport._server, "_TcpServer__socket")
         assert set(so._SyncObj__transport._nodeAddrToNode) == {n.address for n in so.otherNodes}
     finally:
         so.destroy()
@@ -727,6 +736,47 @@ def test_connections_that_never_say_which_peer_they_are_are_closed(rp_pair, capl
     assert len(said) == 1 and said[0].startswith("closed 3 Raft connection(s)"), said
     assert leader.isNodeConnected(_the_other(leader))
     leader.rp_append(rn.ENTRY_LEDGER + b"still", lambda *a: None)
+    tick_until(rp_pair, lambda: follower.raftCommitIndex == leader.rp_last_index()
+               or (leader.rp_send_round() and False), what="an entry after")
+
+
+class _AcceptFailsOnce:
+    """A listening socket whose next accept fails as it does out of file descriptors."""
+
+    def __init__(self, sock):
+        self.sock, self.failed = sock, False
+
+    def accept(self):
+        if not self.failed:
+            self.failed = True
+            raise OSError(errno.EMFILE, "Too many open files")
+        return self.sock.accept()
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def close(self):
+        self.sock.close()
+
+
+def test_a_raft_port_whose_accept_failed_is_bound_again(rp_pair, caplog):
+    """Upstream closes its listening socket at the first accept that fails and never binds it
+    again: the peer that dials this node could not reach it until a restart.  The adapter
+    binds it again, says so, and the peer reconnects."""
+    caplog.set_level(logging.WARNING, logger="raftpay.node")
+    leader, follower = _leader_follower(rp_pair)
+    dialer = next(o for o in rp_pair if o.rp_dials(_the_other(o).address))
+    acceptor = next(o for o in rp_pair if o is not dialer)
+    server = acceptor._SyncObj__transport._server
+    server._TcpServer__socket = _AcceptFailsOnce(server._TcpServer__socket)
+    dialer._SyncObj__transport._connections[_the_other(dialer)].disconnect()
+    tick_until(rp_pair, lambda: server._TcpServer__socket.__class__ is not _AcceptFailsOnce
+               and all(o.isNodeConnected(_the_other(o)) for o in rp_pair), timeout_s=5,
+               what="the port bound again and the peers connected")
+    said = [r.getMessage() for r in caplog.records if "stopped accepting" in r.getMessage()]
+    assert len(said) == 1 and "binding it again" in said[0], said
+    leader, follower = _leader_follower(rp_pair)
+    leader.rp_append(rn.ENTRY_LEDGER + b"after", lambda *a: None)
     tick_until(rp_pair, lambda: follower.raftCommitIndex == leader.rp_last_index()
                or (leader.rp_send_round() and False), what="an entry after")
 
