@@ -1,7 +1,7 @@
 """Too much and too uneven: a follower slower than the writes, more batched writers than the log
 takes.  What the leader's memory does, and what the clients are told.
 
-    python -m bench.stress                          # both, ~4 min
+    python -m bench.stress                          # all three, ~5 min
     python -m bench.stress --only slow-follower --rounds 3 --json /tmp/stress.json
 
 slow-follower: 3 nodes (fsync never: the stopped follower, not the disk, is the slow part), 4
@@ -20,8 +20,15 @@ once for `--flood-seconds`.  Reports the requests acknowledged, and those that e
 `outcome unknown`, `unavailable` or otherwise, the leader's peak resident memory, and whether
 the replicas end on one state hash.
 
-Prints a table (and `--json`); exits 1 if the replicas disagree or the slow follower does not
-catch up within 60 s.  Memory is reported, not judged: no issue states a bound.
+connections: 3 nodes started at a descriptor limit of `--fd-limit` (1000); `--client-conns`
+(3000) idle connections to the leader's client port and `--raft-conns` (500) to its Raft port,
+at once.  Reports the leader's descriptors then and 5 s later, whether 200 transfers over a
+connection opened before all succeed meanwhile, what a new client gets, whether one succeeds
+once the connections close, and the ERROR/CRITICAL lines and failed Raft ticks in the logs.
+
+Prints a table (and `--json`); exits 1 if the replicas disagree, the slow follower does not
+catch up within 60 s, or a transfer fails or an error is logged under the connections.
+Memory is reported, not judged: no issue states a bound.
 """
 
 from __future__ import annotations
@@ -138,6 +145,88 @@ def flood(clients: int, seconds: float, batch: int) -> dict:
                 "replica_hashes": hashes}
 
 
+def connections(fd_limit: int, client_conns: int, raft_conns: int) -> dict:
+    """A leader whose descriptor limit is `fd_limit` (`ulimit -n`, set for the nodes) gets
+    `client_conns` idle connections on its client port and `raft_conns` on its Raft port, at
+    once.  Writes go on over a connection opened before; see what the node says and keeps."""
+    import resource
+    import socket
+
+    from raftpay.client import Client
+    from raftpay.codes import Code, RaftpayError
+    from raftpay.server import connection_cap
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = client_conns + raft_conns + 256
+    if hard != resource.RLIM_INFINITY and hard < need:
+        raise SystemExit(f"--fd-limit scenario needs a hard descriptor limit of {need} for this "
+                         f"process (ulimit -Hn is {hard})")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, hard))
+    try:
+        c = BenchCluster(ClusterSpec(nodes=3, fsync="never"))
+        c.start()  # the nodes inherit the low limit
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, need), hard))
+    socks: list = []
+    with c:
+        leader = c.wait_for_leader()
+        pid = c.pid(leader)
+        held = Client(c.addr_of[leader], timeout_s=10)
+        held.create_accounts([{"id": i, "currency": 1} for i in (1, 2)])
+
+        def fds() -> int:
+            return len(os.listdir(f"/proc/{pid}/fd"))
+
+        def open_all(addr: str, n: int) -> int:
+            host, port = addr.rsplit(":", 1)
+            opened = 0
+            for _ in range(n):
+                sock = socket.socket()
+                sock.settimeout(3)
+                try:
+                    sock.connect((host, int(port)))
+                except OSError:
+                    sock.close()
+                    break
+                socks.append(sock)
+                opened += 1
+            return opened
+        raft_addr = next(x.node.raft_addr for x in c.local.configs if x.node.id == leader)
+        opened_client = open_all(c.addr_of[leader], client_conns)
+        opened_raft = open_all(raft_addr, raft_conns)
+        time.sleep(1.5)
+        fds_flooded = fds()
+        ok = 0
+        for i in range(200):
+            try:
+                ok += held.transfer(f"c-{i}", 1, 2, 1, 1) == Code.OK
+            except RaftpayError:
+                pass
+        try:
+            with Client(c.addr_of[leader], timeout_s=2) as fresh:
+                fresh.transfer("fresh", 1, 2, 1, 1)
+            new_client = "served"
+        except RaftpayError as e:
+            new_client = type(e).__name__
+        time.sleep(5)  # the Raft port's strangers: closed after the connection timeout
+        fds_later = fds()
+        for sock in socks:
+            sock.close()
+        socks.clear()
+        try:
+            with Client(c.addr_of[leader], timeout_s=10) as after:
+                after_ok = after.transfer("after", 1, 2, 1, 1) == Code.OK
+        except RaftpayError:
+            after_ok = False
+        held.close()
+        return {"fd_limit": fd_limit, "client_cap": connection_cap(10_000, fd_limit),
+                "client_conns_opened": opened_client, "raft_conns_opened": opened_raft,
+                "leader_fds_flooded": fds_flooded, "leader_fds_5s_later": fds_later,
+                "transfers_ok_while_flooded": ok, "new_client_while_flooded": new_client,
+                "transfer_after_close_ok": after_ok,
+                "error_lines": _said(c, " ERROR ") + _said(c, " CRITICAL "),
+                "tick_failures": _said(c, "Raft tick failed")}
+
+
 def report(out: dict) -> str:
     lines = []
     runs = out.get("slow_follower")
@@ -163,6 +252,16 @@ def report(out: dict) -> str:
             lines.append(f"median peak, flow control on / off: {statistics.median(on):.0f} / "
                          f"{statistics.median(off):.0f} MiB = "
                          f"{statistics.median(on) / statistics.median(off):.2f}")
+    k = out.get("connections")
+    if k:
+        lines += ["", f"connections (a leader at ulimit -n {k['fd_limit']}, client cap "
+                  f"{k['client_cap']}): {k['client_conns_opened']} idle client and "
+                  f"{k['raft_conns_opened']} idle Raft connections opened at once; leader "
+                  f"descriptors {k['leader_fds_flooded']}, {k['leader_fds_5s_later']} 5 s later; "
+                  f"{k['transfers_ok_while_flooded']}/200 transfers OK meanwhile over a "
+                  f"connection opened before; a new client: {k['new_client_while_flooded']}; "
+                  f"after they closed: {'OK' if k['transfer_after_close_ok'] else 'FAILED'}; "
+                  f"ERROR/CRITICAL lines {k['error_lines']}, failed ticks {k['tick_failures']}"]
     f = out.get("flood")
     if f:
         errors = ", ".join(f"{k} {n}" for k, n in sorted(f["errors"].items())) or "none"
@@ -176,7 +275,7 @@ def report(out: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", choices=["slow-follower", "flood"])
+    ap.add_argument("--only", choices=["slow-follower", "flood", "connections"])
     ap.add_argument("--seconds", type=float, default=45, help="slow-follower runs (each)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="slow-follower pairs (on, off) to run; the peaks vary from run to run")
@@ -185,10 +284,14 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8000, help="transfers per request")
     ap.add_argument("--backlog-bytes", type=int, default=16 * 1024 * 1024,
                     help="append_backlog_bytes of the flow-controlled run")
+    ap.add_argument("--fd-limit", type=int, default=1000,
+                    help="connections: the nodes' descriptor limit (ulimit -n)")
+    ap.add_argument("--client-conns", type=int, default=3000)
+    ap.add_argument("--raft-conns", type=int, default=500)
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     for name in ("seconds", "rounds", "flood_seconds", "flood_clients", "batch",
-                 "backlog_bytes"):
+                 "backlog_bytes", "fd_limit", "client_conns", "raft_conns"):
         if getattr(args, name) <= 0:
             ap.error(f"--{name.replace('_', '-')} must be positive")
     out: dict = {"seconds": args.seconds, "flood_seconds": args.flood_seconds,
@@ -199,12 +302,18 @@ def main(argv=None) -> int:
                                 for b in (args.backlog_bytes, UNBOUNDED)]
     if args.only in (None, "flood"):
         out["flood"] = flood(args.flood_clients, args.flood_seconds, args.batch)
+    if args.only in (None, "connections"):
+        out["connections"] = connections(args.fd_limit, args.client_conns, args.raft_conns)
     print(report(out))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
     runs = out.get("slow_follower", []) + ([out["flood"]] if "flood" in out else [])
     ok = all(r["replicas_agree"] and r.get("caught_up", True) for r in runs)
+    k = out.get("connections")
+    if k:
+        ok = ok and (k["transfers_ok_while_flooded"] == 200 and k["transfer_after_close_ok"]
+                     and k["tick_failures"] == 0 and k["error_lines"] == 0)
     return 0 if ok else 1
 
 

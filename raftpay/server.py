@@ -69,16 +69,18 @@ OVER_CAP_GRACE_S = 1.0
 SHED_MAX = 64
 
 
-def connection_cap(configured: int) -> int:
+def connection_cap(configured: int, soft_limit: int | None = None) -> int:
     """`max_connections`, lowered to what the file descriptor limit (`ulimit -n`) leaves beside
     FD_RESERVE.  Without a cap, clients that opened as many connections as the limit allows
     (a pool that leaks them, say) took every descriptor: the node could not open a snapshot or
     load a module, its Raft tick failed with EMFILE, and asyncio logged every refused accept
     (11,814 lines in 3 s, scratch: a leader at `ulimit -n 150` and 232 idle connections)."""
-    try:
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    except (OSError, ValueError):
-        return configured
+    soft = soft_limit
+    if soft is None:
+        try:
+            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        except (OSError, ValueError):
+            return configured
     if soft == resource.RLIM_INFINITY:
         return configured
     return max(1, min(configured, soft - FD_RESERVE))

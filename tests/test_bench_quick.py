@@ -354,12 +354,14 @@ def test_a_short_soak_passes_its_checks_and_keeps_its_data_only_when_asked(
 
 def test_the_stress_runs_report_memory_and_outcomes_and_check_the_replicas(tmp_path, capsys):
     """`bench.stress` end to end, small: a follower stopped 5/6 of the time under batches with
-    the flow control on (a 64 kB backlog, so it holds entries back) and off, then a flood.
-    Every replica must end on one state hash and the slow follower catch up."""
+    the flow control on (a 64 kB backlog, so it holds entries back) and off, a flood, and
+    idle connections past a leader's cap.  Every replica must end on one state hash, the slow
+    follower catch up, and the leader keep serving."""
     from bench import stress
     out_json = tmp_path / "stress.json"
     assert stress.main(["--seconds", "3", "--flood-seconds", "2", "--flood-clients", "8",
-                        "--batch", "500", "--backlog-bytes", "65536", "--json",
+                        "--batch", "500", "--backlog-bytes", "65536", "--fd-limit", "600",
+                        "--client-conns", "150", "--raft-conns", "20", "--json",
                         str(out_json)]) == 0
     text = capsys.readouterr().out
     assert "| 0.0625 MiB |" in text and "| 4 GiB (no flow control) |" in text
@@ -372,6 +374,13 @@ def test_the_stress_runs_report_memory_and_outcomes_and_check_the_replicas(tmp_p
         assert r["transfers_per_s"] > 0
     assert all(r["caught_up"] for r in runs)
     assert out["flood"]["requests_acknowledged"] > 0 and out["flood"]["leader_peak_mb"] > 0
+    k = out["connections"]  # 150 idle connections at a cap of 88 (600 - 512 kept back)
+    assert k["client_cap"] == 88 and k["client_conns_opened"] == 150
+    assert k["leader_fds_flooded"] < 88 + 20 + 60  # the refused ones did not stay open
+    assert k["transfers_ok_while_flooded"] == 200 and k["transfer_after_close_ok"]
+    assert k["new_client_while_flooded"] == "Unavailable"
+    assert k["error_lines"] == 0 and k["tick_failures"] == 0
+    assert "connections (a leader at ulimit -n 600, client cap 88)" in text
     for bad in (["--seconds", "0"], ["--flood-clients", "-1"]):
         with pytest.raises(SystemExit):
             stress.main(bad)
