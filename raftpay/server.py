@@ -60,9 +60,9 @@ IDLE_TICK_S = 1.0
 #: later: 1,500 connections at once took ~300 descriptors beyond the cap).
 FD_RESERVE = 512
 
-#: A connection over `max_connections` is answered at its first request, and closed after this
-#: long if it sends none.  At most SHED_MAX such wait at once; past that a
-#: connection is closed as soon as it is accepted: 600 connections opened in 2 s against a
+#: A connection over `max_connections` has its requests answered `overloaded` and is closed,
+#: or closed after this long if it sends none.  At most SHED_MAX such wait at once; past that
+#: a connection is closed as soon as it is accepted: 600 connections opened in 2 s against a
 #: node allowed 300 descriptors held them all for their second, and its meta file could not
 #: be written (EMFILE).
 OVER_CAP_GRACE_S = 1.0
@@ -617,7 +617,7 @@ class _Conn(asyncio.Protocol):
         self._out: list[bytes] = []  # replies held while the server is corked
         self.last_active = self.frame_since = time.monotonic()
         self._closing = False
-        self.shed = False  # over the connection cap: its first request is refused, then closed
+        self.shed = False  # over the connection cap: its requests are refused, then it closes
 
     def connection_made(self, transport) -> None:
         self.transport = transport
