@@ -173,6 +173,7 @@ class Server:
         self._reads: _ReadBarrier | None = None
         self._conns: set[_Conn] = set()
         self._shed: set[_Conn] = set()  # over the cap: answered `overloaded`, then closed
+        self._complain = None  # `raftpay.node.PeerComplaints(log).warn`, once needed
         self.max_connections = self.settings.max_connections  # lowered by `start`
         # While corked (depth > 0), replies collect per connection and go out in one write per
         # connection when the outermost uncork runs (`corked`).
@@ -220,6 +221,17 @@ class Server:
                 pass
 
     # --- connections ------------------------------------------------------------------------
+
+    def _at_cap(self) -> None:
+        """A connection came with `max_connections` open: say so, once a minute."""
+        if self._complain is None:
+            from .node import PeerComplaints
+            self._complain = PeerComplaints(log).warn
+        self._complain("cap", (
+            f"{len(self._conns)} client connections open, the most this node takes "
+            f"(server.max_connections, or what ulimit -n leaves): new ones are answered "
+            f"`overloaded` and closed. Idle connections a client keeps open (a pool that "
+            f"leaks them?) or more clients than that"))
 
     async def _sweep(self) -> None:
         """Close connections idle for `idle_timeout` (no frame, nothing in flight), and answer and
@@ -623,6 +635,7 @@ class _Conn(asyncio.Protocol):
         self.transport = transport
         server = self.server
         if len(server._conns) >= server.max_connections:
+            server._at_cap()
             if len(server._shed) >= SHED_MAX:
                 self._closing = True
                 transport.abort()  # no room even to answer it

@@ -181,6 +181,9 @@ def test_connections_past_the_cap_are_answered_overloaded_and_closed(tmp_path):
         with Client(addr, timeout_s=5) as cl:
             assert cl.lookup_accounts(["cap-a"]) == [None]  # the refused requests applied nothing
             assert cl.create_account("cap-a", 1) == Code.OK
+        with open(c.log_path(c.configs[0].node.id)) as f:  # said once (a minute), with the why
+            said = [line for line in f if "client connections open, the most" in line]
+        assert len(said) == 1 and "3 client connections open" in said[0], said
     finally:
         for s in held:
             s.close()
