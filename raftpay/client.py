@@ -164,7 +164,7 @@ class _Core:
                 # An attempt the deadline would likely cut short (the nodes take this long to
                 # answer now) is not sent: cut short, a write's outcome is unknown, where now
                 # nothing has been applied (128 clients of 8k batches, ten times what the log
-                # took: every `outcome unknown` was a last attempt sent with 0.1-2.2 s left
+                # took: every `outcome unknown` was a last attempt sent with 0.03-2.6 s left
                 # after `overloaded` answers that took up to 1.2 s).  Once the outcome is
                 # unknown anyway, an attempt answered in time can only settle it.
                 last_problem += (f"; not sent again with {remaining:.1f} s left, as nodes took "
