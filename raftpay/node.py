@@ -990,14 +990,20 @@ class PeerComplaints:
         self._seen: dict = {}  # key -> [last logged (monotonic), held back since]
 
     def warn(self, key, message: str) -> None:
+        more = self.due(key)
+        if more is not None:
+            self._log.warning("%s%s", message, more)
+
+    def due(self, key) -> str | None:
+        """None while `key` was said less than PEER_COMPLAINT_INTERVAL_S ago (counted as held
+        back); else what to add to the line saying it ("" or the count held back since)."""
         now = time.monotonic()
         seen = self._seen.get(key)
         if seen is not None and now - seen[0] < PEER_COMPLAINT_INTERVAL_S:
             seen[1] += 1
-            return
-        more = f" ({seen[1]} more like it since the last report)" if seen and seen[1] else ""
-        self._log.warning("%s%s", message, more)
+            return None
         self._seen[key] = [now, 0]
+        return f" ({seen[1]} more like it since the last report)" if seen and seen[1] else ""
 
 
 class _Lasting:

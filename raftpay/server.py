@@ -45,6 +45,7 @@ import msgpack
 from . import wire
 from .codes import Code, ProtocolError
 from .ledger import events_as_rows
+from .node import PeerComplaints
 
 log = logging.getLogger("raftpay.server")
 
@@ -88,24 +89,21 @@ def connection_cap(configured: int, soft_limit: int | None = None) -> int:
 
 class _OncePerMinute(logging.Filter):
     """asyncio logs each accept that fails for want of descriptors, with a traceback, about a
-    hundred a second while it lasts: let one through a minute, with a count of the rest."""
+    hundred a second while it lasts: let one through a minute, with a count of the rest
+    (`PeerComplaints`' bookkeeping)."""
 
     def __init__(self, text: str):
         super().__init__()
         self.text = text
-        self.last = float("-inf")
-        self.held = 0
+        self._said = PeerComplaints(log)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if self.text not in str(record.msg):
             return True
-        now = time.monotonic()
-        if now - self.last < 60:
-            self.held += 1
+        more = self._said.due(self.text)
+        if more is None:
             return False
-        if self.held:
-            record.msg = f"{record.msg} ({self.held} more like it since the last report)"
-        self.last, self.held = now, 0
+        record.msg = f"{record.msg}{more}"
         return True
 
 
@@ -173,7 +171,7 @@ class Server:
         self._reads: _ReadBarrier | None = None
         self._conns: set[_Conn] = set()
         self._shed: set[_Conn] = set()  # over the cap: answered `overloaded`, then closed
-        self._complain = None  # `raftpay.node.PeerComplaints(log).warn`, once needed
+        self._complain = PeerComplaints(log).warn
         self.max_connections = self.settings.max_connections  # lowered by `start`
         # While corked (depth > 0), replies collect per connection and go out in one write per
         # connection when the outermost uncork runs (`corked`).
@@ -224,9 +222,6 @@ class Server:
 
     def _at_cap(self) -> None:
         """A connection came with `max_connections` open: say so, once a minute."""
-        if self._complain is None:
-            from .node import PeerComplaints
-            self._complain = PeerComplaints(log).warn
         self._complain("cap", (
             f"{len(self._conns)} client connections open, the most this node takes "
             f"(server.max_connections, or what ulimit -n leaves): new ones are answered "
